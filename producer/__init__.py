@@ -1,0 +1,53 @@
+"""sibylq's producer side: everything a caller imports. It never imports llama_cpp or openai."""
+
+from .client import Client
+from .contract import Envelope, GenConf, JobKind, JobSpec, Message, Usage
+from .errors import (
+    BackendError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    ContractError,
+    InvalidRequestError,
+    JobCancelledError,
+    JobFailedError,
+    JobTimeoutError,
+    NoWorkerError,
+    OutputValidationError,
+    PromptTooLongError,
+    SibylqError,
+    UnknownModelError,
+    UnsupportedTargetError,
+)
+from .job import Job, JobStatus
+from .models import Model, Models
+from .settings import Settings, get_settings
+
+__all__ = [
+    "BackendError",
+    "BrokerUnavailableError",
+    "Client",
+    "ConfigurationError",
+    "ContractError",
+    "Envelope",
+    "GenConf",
+    "InvalidRequestError",
+    "Job",
+    "JobCancelledError",
+    "JobFailedError",
+    "JobKind",
+    "JobSpec",
+    "JobStatus",
+    "JobTimeoutError",
+    "Message",
+    "Model",
+    "Models",
+    "NoWorkerError",
+    "OutputValidationError",
+    "PromptTooLongError",
+    "Settings",
+    "SibylqError",
+    "UnknownModelError",
+    "UnsupportedTargetError",
+    "Usage",
+    "get_settings",
+]

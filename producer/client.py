@@ -1,0 +1,154 @@
+"""A producer's connections: a Celery app that only sends, and Redis for results and liveness.
+
+The sending app has no result backend on purpose: Celery's client would otherwise subscribe
+to every task's result channel at send time and leak those subscriptions (celery #4707,
+#6963). Results are read straight from Redis by ``ResultListener`` (async) and
+``Subscription`` (sync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import weakref
+from functools import cached_property
+from types import TracebackType
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from .constants import TASK_NAME, result_key, workers_key
+from .contract import JobSpec
+from .errors import BrokerUnavailableError
+from .listener import ResultListener
+from .settings import Settings, get_settings
+from .waiting import UNREACHABLE
+
+#: A heartbeat older than this (in heartbeat intervals) means the worker is gone.
+HEARTBEAT_GRACE = 5
+
+
+class Client:
+    """Sends jobs and reads their results. One per process is plenty; it is thread-safe."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultListener]
+        self._listeners = weakref.WeakKeyDictionary()
+
+    @cached_property
+    def celery(self) -> Celery:
+        app = Celery("sibylq-producer", broker=self.settings.broker_url, set_as_current=False)
+        app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            result_backend=None,
+            broker_connection_retry_on_startup=True,
+            broker_transport_options={"visibility_timeout": self.settings.visibility_timeout_s},
+            task_publish_retry_policy={
+                "max_retries": 3,
+                "interval_start": 0.2,
+                "interval_step": 0.5,
+                "interval_max": 1.0,
+            },
+        )
+        return app
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.settings.result_url,
+            client_name="sibylq-producer",
+            socket_connect_timeout=2,
+            socket_keepalive=True,
+        )
+
+    def submit(self, spec: JobSpec, queue: str, job_id: str | None = None) -> str:
+        """Enqueue ``spec`` on ``queue``; returns the job id."""
+        job_id = job_id or str(uuid.uuid4())
+        try:
+            self.celery.send_task(
+                TASK_NAME, args=[spec.encode()], task_id=job_id, queue=queue, routing_key=queue
+            )
+        except (OperationalError, OSError) as exc:
+            raise BrokerUnavailableError(
+                f"cannot enqueue to {self.settings.broker_url!r}: {exc}. Is Redis running "
+                "and SIBYLQ_BROKER_URL right?"
+            ) from exc
+        return job_id
+
+    def read_result(self, job_id: str) -> bytes | None:
+        raw: bytes | None = self.redis.get(result_key(job_id))
+        return raw
+
+    def workers_alive(self, queue: str) -> Any:
+        try:
+            since = time.time() - HEARTBEAT_GRACE * self.settings.heartbeat_interval_s
+            return self.redis.zcount(workers_key(queue), since, "+inf") > 0
+        except redis.RedisError:
+            return UNREACHABLE
+
+    def revoke(self, job_id: str) -> None:
+        try:
+            self.celery.control.revoke(job_id)
+        except (OperationalError, OSError) as exc:
+            raise BrokerUnavailableError(f"cannot cancel job {job_id}: {exc}") from exc
+
+    def subscription(self, job_id: str) -> Subscription:
+        return Subscription(self.redis, job_id)
+
+    def listener(self) -> ResultListener:
+        """The result listener of the running event loop (one per loop)."""
+        loop = asyncio.get_running_loop()
+        listener = self._listeners.get(loop)
+        if listener is None:
+            listener = ResultListener(
+                self.settings.result_url,
+                heartbeat_grace_s=HEARTBEAT_GRACE * self.settings.heartbeat_interval_s,
+            )
+            self._listeners[loop] = listener
+        return listener
+
+    def close(self) -> None:
+        if "redis" in self.__dict__:
+            self.redis.close()
+        if "celery" in self.__dict__:
+            self.celery.close()
+
+
+class Subscription:
+    """A blocking wait for one job's result: subscribe, then read the stored value."""
+
+    def __init__(self, client: redis.Redis, job_id: str) -> None:
+        self._redis = client
+        self._key = result_key(job_id)
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+    def __enter__(self) -> Subscription:
+        try:
+            self._pubsub.subscribe(self._key)
+        except redis.RedisError:
+            pass  # wait() reports UNREACHABLE and retries
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._pubsub.close()
+
+    def wait(self, seconds: float) -> Any:
+        """The stored result (raw bytes), None if not there yet, or UNREACHABLE."""
+        try:
+            if not self._pubsub.subscribed:
+                self._pubsub.subscribe(self._key)
+            stored = self._redis.get(self._key)
+            if stored is not None:
+                return stored
+            message = self._pubsub.get_message(timeout=seconds)
+            return None if message is None else message["data"]
+        except redis.RedisError:
+            time.sleep(min(seconds, 1.0))
+            return UNREACHABLE

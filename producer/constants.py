@@ -1,0 +1,55 @@
+"""Every queue name, task name and Redis key name sibylq uses, in one place.
+
+Queues (one Celery queue per model family; override with ``queue=`` / ``-Q``):
+
+================================  =============================================
+``sibylq.openai``                 every ``openai:<model>`` job
+``sibylq.llamacpp.<stem>``        ``llamacpp:<stem>`` or ``llamacpp:/path/<stem>.gguf``
+``sibylq.fake``                   every ``fake[:options]`` job
+================================  =============================================
+
+Redis keys:
+
+================================  =============================================
+``celery-task-meta-<job id>``     the stored result (Celery's Redis result backend);
+                                  also the pub/sub channel it is announced on
+``sibylq:workers:<queue>``        sorted set: worker hostname -> last heartbeat (unix s)
+``sibylq:worker:<hostname>``      JSON description of a live worker (expires)
+================================  =============================================
+"""
+
+from __future__ import annotations
+
+import re
+
+QUEUE_PREFIX = "sibylq"
+TASK_NAME = "sibylq.run_job"
+
+RESULT_KEY_PREFIX = "celery-task-meta-"
+WORKERS_BY_QUEUE_PREFIX = "sibylq:workers:"
+WORKER_INFO_PREFIX = "sibylq:worker:"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def queue_name(*parts: str) -> str:
+    """``queue_name("llamacpp", "smollm2")`` -> ``"sibylq.llamacpp.smollm2"``."""
+    cleaned = [_UNSAFE.sub("-", part).strip("-") for part in parts if part]
+    return ".".join([QUEUE_PREFIX, *cleaned])
+
+
+def result_key(job_id: str) -> str:
+    """The key (and pub/sub channel) Celery's Redis backend stores a result under."""
+    return f"{RESULT_KEY_PREFIX}{job_id}"
+
+
+def job_id_from_result_key(key: str) -> str:
+    return key[len(RESULT_KEY_PREFIX) :]
+
+
+def workers_key(queue: str) -> str:
+    return f"{WORKERS_BY_QUEUE_PREFIX}{queue}"
+
+
+def worker_info_key(hostname: str) -> str:
+    return f"{WORKER_INFO_PREFIX}{hostname}"

@@ -1,0 +1,135 @@
+"""The job contract: what a producer sends and what a worker stores back.
+
+Versioned pydantic models, JSON only on the wire. Workers read nothing else from a
+producer: they never see the caller's Python types, only messages and a JSON schema.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ContractError
+
+CONTRACT_VERSION = 1
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Message(_Frozen):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenConf(_Frozen):
+    """Generation settings. ``max_tokens`` bounds the output; output cut there fails validation."""
+
+    max_tokens: int = Field(default=1024, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class JobKind(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+    EXTRACT = "extract"
+    CLASSIFY = "classify"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobSpec(_Frozen):
+    """One unit of work: a model, a conversation and, for structured jobs, an output schema."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    model: str
+    kind: JobKind
+    messages: tuple[Message, ...] = Field(min_length=1)
+    json_schema: dict[str, Any] | None = None
+    genconf: GenConf = GenConf()
+    created_at: datetime = Field(default_factory=_now)
+
+    def encode(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def decode(cls, data: object) -> JobSpec:
+        return _decode(cls, data)
+
+
+class Usage(_Frozen):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(_Frozen):
+    created_at: datetime
+    started_at: datetime
+    finished_at: datetime
+
+    @property
+    def queued_s(self) -> float:
+        return (self.started_at - self.created_at).total_seconds()
+
+    @property
+    def run_s(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+class Envelope(_Frozen):
+    """A stored result: the JSON value and everything known about how it was made."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    value: Any
+    raw_text: str
+    finish_reason: str
+    usage: Usage
+    model: str
+    worker: str
+    timings: Timings
+
+    def encode(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def decode(cls, data: object) -> Envelope:
+        return _decode(cls, data)
+
+
+class Failure(_Frozen):
+    """A job's failure as the worker reports it: type and message as strings, never pickles."""
+
+    type: str
+    message: str
+    raw_text: str | None = None
+    finish_reason: str | None = None
+    usage: Usage = Usage()
+
+    def encode(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def decode(cls, data: object) -> Failure:
+        return _decode(cls, data)
+
+
+def _decode(cls: type[M], data: object) -> M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ContractError(f"not a valid {cls.__name__}: {exc}", data) from exc

@@ -1,0 +1,192 @@
+"""One shared asyncio pub/sub listener per event loop resolves every pending job handle.
+
+Each handle costs a future, not a thread or a connection: the listener holds one pub/sub
+connection and one command connection. It subscribes to a job's result channel, then reads
+the stored result once (a result stored before the subscription is caught there). After a
+lost connection it reconnects, resubscribes everything pending and re-reads every pending
+key, so results published while Redis was away are not missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .constants import job_id_from_result_key, result_key, workers_key
+from .waiting import UNREACHABLE, ready_meta
+
+log = logging.getLogger(__name__)
+
+_BATCH = 1000
+_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class ResultListener:
+    """Resolves ``watch(job_id)`` futures with the job's stored result (raw JSON bytes)."""
+
+    def __init__(self, url: str, *, heartbeat_grace_s: float, presence_ttl_s: float = 1.0) -> None:
+        # No silent retries inside redis-py: a reconnect it made on its own would resubscribe
+        # but skip re-reading the keys stored meanwhile. The session loop does both.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            client_name="sibylq-listener",
+            socket_connect_timeout=2,
+            max_connections=4,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
+        self._subscribed: set[str] = set()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._presence: dict[str, tuple[float, bool]] = {}
+        self._presence_ttl_s = presence_ttl_s
+        self._heartbeat_grace_s = heartbeat_grace_s
+        self.connected = asyncio.Event()
+
+    # -- what handles call -------------------------------------------------------------
+
+    def watch(self, job_id: str) -> asyncio.Future[bytes]:
+        """A future resolved with the job's result once it is stored."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, set()).add(future)
+        future.add_done_callback(lambda done: self._unwatch(job_id, done))
+        self._changed.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="sibylq-result-listener")
+        return future
+
+    async def workers_alive(self, queue: str) -> Any:
+        """Whether a live worker serves ``queue`` (cached briefly: thousands of handles ask)."""
+        now = time.monotonic()
+        cached = self._presence.get(queue)
+        if cached is not None and now - cached[0] < self._presence_ttl_s:
+            return cached[1]
+        try:
+            alive = await self._redis.zcount(
+                workers_key(queue), time.time() - self._heartbeat_grace_s, "+inf"
+            ) > 0
+        except RedisError:
+            return UNREACHABLE
+        self._presence[queue] = (now, alive)
+        return alive
+
+    async def wait(self, future: asyncio.Future[bytes], seconds: float) -> Any:
+        """The job's result if it arrives within ``seconds``; None, or UNREACHABLE while
+        Redis is away."""
+        done, _ = await asyncio.wait({future}, timeout=seconds)
+        if done:
+            return future.result()
+        return None if self.connected.is_set() else UNREACHABLE
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiters)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._redis.aclose()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _unwatch(self, job_id: str, future: asyncio.Future[bytes]) -> None:
+        futures = self._waiters.get(job_id)
+        if futures is not None:
+            futures.discard(future)
+            if not futures:
+                del self._waiters[job_id]
+                self._changed.set()
+
+    async def _run(self) -> None:
+        failures = 0
+        while self._waiters:
+            try:
+                await self._session()
+                failures = 0
+            except (RedisError, OSError) as exc:
+                self.connected.clear()
+                delay = _RETRY_DELAYS_S[min(failures, len(_RETRY_DELAYS_S) - 1)]
+                failures += 1
+                log.warning("result listener lost Redis (%s); reconnecting in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        """One connection's life: subscribe and read until nothing is pending or it breaks."""
+        self._subscribed.clear()
+        pubsub = self._redis.pubsub()
+        reader: asyncio.Task[None] | None = None
+        try:
+            while self._waiters:
+                await self._sync_subscriptions(pubsub)
+                self.connected.set()
+                if reader is None and pubsub.subscribed:
+                    reader = asyncio.create_task(self._read(pubsub))
+                await self._next_change(reader)
+        finally:
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            await pubsub.aclose()
+
+    async def _next_change(self, reader: asyncio.Task[None] | None) -> None:
+        """Wait until handles come or go, or the reader dies (its error is re-raised)."""
+        changed = asyncio.ensure_future(self._changed.wait())
+        waits: set[asyncio.Future[Any]] = {changed} if reader is None else {changed, reader}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+        if reader is not None and reader.done():
+            reader.result()
+            raise ConnectionError("result listener's reader stopped")
+        self._changed.clear()
+
+    async def _sync_subscriptions(self, pubsub: aioredis.client.PubSub) -> None:
+        gone = [job_id for job_id in self._subscribed if job_id not in self._waiters]
+        new = [job_id for job_id in self._waiters if job_id not in self._subscribed]
+        for chunk in _chunks(gone):
+            await pubsub.unsubscribe(*map(result_key, chunk))
+            self._subscribed.difference_update(chunk)
+        for chunk in _chunks(new):
+            await pubsub.subscribe(*map(result_key, chunk))
+            self._subscribed.update(chunk)
+            await self._read_stored(chunk)
+
+    async def _read_stored(self, job_ids: list[str]) -> None:
+        values = await self._redis.mget([result_key(job_id) for job_id in job_ids])
+        for job_id, raw in zip(job_ids, values, strict=True):
+            self._deliver(job_id, raw)
+
+    async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+            if message is not None and message["type"] == "message":
+                channel = message["channel"].decode()
+                self._deliver(job_id_from_result_key(channel), message["data"])
+
+    def _deliver(self, job_id: str, raw: bytes | None) -> None:
+        if ready_meta(raw) is None or raw is None:
+            return
+        for future in list(self._waiters.get(job_id, ())):
+            if not future.done():
+                future.set_result(raw)
+
+
+def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == _BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

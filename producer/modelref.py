@@ -1,0 +1,71 @@
+"""Model references: ``"provider:name[,key=value...]"`` and the queue each one is served on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+from .constants import queue_name
+from .errors import UnknownModelError
+
+PROVIDERS = ("openai", "llamacpp", "fake")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference, e.g. ``openai:gpt-4o-mini`` or ``fake:delay=0.2``."""
+
+    provider: str
+    name: str = ""
+    options: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def queue(self) -> str:
+        """The default queue: one per provider for APIs, one per model file for llama.cpp."""
+        if self.provider == "llamacpp":
+            return queue_name("llamacpp", model_stem(self.name))
+        return queue_name(self.provider)
+
+    def __str__(self) -> str:
+        extras = [f"{key}={value}" for key, value in self.options.items()]
+        rest = ",".join([self.name, *extras] if self.name else extras)
+        return f"{self.provider}:{rest}" if rest else self.provider
+
+
+def model_stem(name: str) -> str:
+    """``/models/Qwen2.5-0.5B.Q4.gguf`` -> ``Qwen2.5-0.5B.Q4``; a bare name stays as it is."""
+    path = PurePath(name)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def parse_model_ref(ref: str) -> ModelRef:
+    """Parse ``"provider:name[,key=value...]"``; raises UnknownModelError."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise UnknownModelError(f"a model reference must be a non-empty string, not {ref!r}")
+    provider, _, rest = ref.strip().partition(":")
+    if provider not in PROVIDERS:
+        raise UnknownModelError(
+            f"unknown provider {provider!r} in {ref!r}; use one of: "
+            + ", ".join(f"{name}:..." for name in PROVIDERS)
+        )
+    names, options = _split_options(rest, ref)
+    if len(names) > 1:
+        raise UnknownModelError(f"{ref!r} names more than one model: {names!r}")
+    name = names[0] if names else ""
+    if provider != "fake" and not name:
+        raise UnknownModelError(f"{ref!r} needs a model name, e.g. {provider}:<name>")
+    return ModelRef(provider=provider, name=name, options=options)
+
+
+def _split_options(rest: str, ref: str) -> tuple[list[str], dict[str, str]]:
+    names: list[str] = []
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            names.append(item)
+        elif not key or not value:
+            raise UnknownModelError(f"bad option {item!r} in {ref!r}; write key=value")
+        else:
+            options[key] = value
+    return names, options

@@ -1,0 +1,164 @@
+"""The ``Models`` facade: Sibila's model API, run by a worker fleet.
+
+Every generation method has an ``_async`` twin that enqueues at once and returns a ``Job``;
+the plain method is that same call followed by a blocking wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .client import Client
+from .contract import GenConf, JobKind, JobSpec
+from .errors import InvalidRequestError, UnsupportedTargetError
+from .job import Job
+from .messages import Query, build_messages
+from .modelref import ModelRef, parse_model_ref
+from .settings import Settings
+from .targets import TEXT, Target, classify_target, json_target, target_for
+
+T = TypeVar("T")
+GenConfLike = GenConf | Mapping[str, Any] | None
+
+
+class Models:
+    """Factory of remote models: ``Models.create("llamacpp:smollm2")``."""
+
+    @staticmethod
+    def create(
+        ref: str,
+        *,
+        genconf: GenConfLike = None,
+        queue: str | None = None,
+        client: Client | None = None,
+        settings: Settings | None = None,
+    ) -> Model:
+        """``ref`` is ``openai:<model>``, ``llamacpp:<name or path.gguf>`` or
+        ``fake[:delay=<s>]``. ``genconf`` sets this model's default generation settings;
+        ``queue`` overrides the queue its jobs go to."""
+        model_ref = parse_model_ref(ref)
+        if model_ref.provider == "fake":
+            _check_fake_options(model_ref)
+        return Model(
+            model_ref,
+            client=client or Client(settings),
+            genconf=merge_genconf(GenConf(), genconf),
+            queue=queue or model_ref.queue,
+        )
+
+
+class Model:
+    """A model served by workers. Build with ``Models.create``."""
+
+    def __init__(self, ref: ModelRef, *, client: Client, genconf: GenConf, queue: str) -> None:
+        self.ref = ref
+        self.client = client
+        self.genconf = genconf
+        self.queue = queue
+
+    def __repr__(self) -> str:
+        return f"<Model {self.ref} queue={self.queue!r}>"
+
+    def submit(
+        self,
+        kind: JobKind,
+        target: Target,
+        query: Query,
+        *,
+        inst: str | None = None,
+        genconf: GenConfLike = None,
+        job_id: str | None = None,
+    ) -> Job[Any]:
+        """Validate, build and enqueue one job: the core every method shares."""
+        spec = JobSpec(
+            model=str(self.ref),
+            kind=kind,
+            messages=build_messages(query, inst),
+            json_schema=target.json_schema,
+            genconf=merge_genconf(self.genconf, genconf),
+        )
+        job_id = self.client.submit(spec, self.queue, job_id)
+        return Job(job_id, client=self.client, target=target, model=spec.model, queue=self.queue)
+
+    # -- async twins: enqueue now, return an awaitable handle ----------------------------
+
+    def extract_async(self, target: Any, query: Query, **kw: Any) -> Job[Any]:
+        """Extract a value of Python type ``target`` (str, int, list[T], dataclass, ...)."""
+        return self.submit(JobKind.EXTRACT, target_for(target), query, **kw)
+
+    def classify_async(self, labels: Any, query: Query, **kw: Any) -> Job[Any]:
+        """Pick one of ``labels`` (a list of strings, an Enum or a Literal)."""
+        return self.submit(JobKind.CLASSIFY, classify_target(labels), query, **kw)
+
+    def json_async(
+        self, query: Query, *, json_schema: dict[str, Any] | str | None = None, **kw: Any
+    ) -> Job[Any]:
+        """A JSON object, following ``json_schema`` when given."""
+        return self.submit(JobKind.JSON, json_target(json_schema), query, **kw)
+
+    def dataclass_async(self, cls: Any, query: Query, **kw: Any) -> Job[Any]:
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise UnsupportedTargetError(f"dataclass() needs a dataclass type, not {cls!r}")
+        return self.extract_async(cls, query, **kw)
+
+    def pydantic_async(self, cls: Any, query: Query, **kw: Any) -> Job[Any]:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            raise UnsupportedTargetError(f"pydantic() needs a pydantic model class, not {cls!r}")
+        return self.extract_async(cls, query, **kw)
+
+    def call_async(self, query: Query, **kw: Any) -> Job[str]:
+        """Plain text generation."""
+        return self.submit(JobKind.TEXT, TEXT, query, **kw)
+
+    # -- sync methods: the same call, then a blocking wait --------------------------------
+
+    def extract(self, target: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
+        return self.extract_async(target, query, **kw).result(timeout)
+
+    def classify(self, labels: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
+        return self.classify_async(labels, query, **kw).result(timeout)
+
+    def json(self, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
+        return self.json_async(query, **kw).result(timeout)
+
+    def dataclass(self, cls: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
+        return self.dataclass_async(cls, query, **kw).result(timeout)
+
+    def pydantic(self, cls: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
+        return self.pydantic_async(cls, query, **kw).result(timeout)
+
+    def call(self, query: Query, *, timeout: float | None = None, **kw: Any) -> str:
+        return self.call_async(query, **kw).result(timeout)
+
+    def __call__(self, query: Query, *, timeout: float | None = None, **kw: Any) -> str:
+        return self.call(query, timeout=timeout, **kw)
+
+
+def merge_genconf(base: GenConf, override: GenConfLike) -> GenConf:
+    """``base`` with ``override``'s fields (a GenConf or a mapping) on top."""
+    if override is None:
+        return base
+    fields = override.model_dump(exclude_unset=True) if isinstance(override, GenConf) else override
+    try:
+        return GenConf.model_validate({**base.model_dump(), **dict(fields)})
+    except ValidationError as exc:
+        raise InvalidRequestError(f"invalid genconf: {exc}") from exc
+
+
+def _check_fake_options(ref: ModelRef) -> None:
+    from .errors import ConfigurationError
+
+    unknown = set(ref.options) - {"delay"}
+    if unknown:
+        raise ConfigurationError(f"unknown fake option(s) {sorted(unknown)}; fake takes delay=<s>")
+    try:
+        if float(ref.options.get("delay", "0")) < 0:
+            raise ValueError
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"fake:delay must be a number of seconds >= 0, not {ref.options['delay']!r}"
+        ) from exc

@@ -1,0 +1,55 @@
+"""Turn a stored Celery result into an Envelope, or into the typed error it stands for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .contract import Envelope, Failure
+from .errors import (
+    REMOTE_FAILURES,
+    ContractError,
+    JobCancelledError,
+    JobFailedError,
+)
+
+#: The exception type the worker raises to carry a Failure (see workers.task).
+FAILURE_CARRIER = "JobFailure"
+
+
+def envelope_from_meta(meta: dict[str, Any], job_id: str) -> Envelope:
+    """The envelope of a finished job; raises JobFailedError (or a subclass) or
+    JobCancelledError."""
+    status = meta.get("status")
+    if status == "SUCCESS":
+        return Envelope.decode(meta.get("result"))
+    if status == "REVOKED":
+        raise JobCancelledError(job_id)
+    raise failure_error(meta.get("result"), job_id)
+
+
+def failure_error(result: Any, job_id: str) -> JobFailedError:
+    """The local error for a stored failure. Nothing is unpickled or imported."""
+    if not isinstance(result, dict):
+        return JobFailedError(f"job failed: {result!r}", job_id=job_id)
+    remote_type = str(result.get("exc_type", "Exception"))
+    args = result.get("exc_message") or []
+    if remote_type == FAILURE_CARRIER and args:
+        try:
+            failure = Failure.decode(args[0])
+        except ContractError:
+            pass
+        else:
+            cls = REMOTE_FAILURES.get(failure.type, JobFailedError)
+            return cls(
+                failure.message,
+                job_id=job_id,
+                remote_type=failure.type,
+                raw_text=failure.raw_text,
+                finish_reason=failure.finish_reason,
+            )
+    message = " ".join(map(str, args)) if isinstance(args, list | tuple) else str(args)
+    return JobFailedError(
+        f"{remote_type}: {message}" if message else remote_type,
+        job_id=job_id,
+        remote_type=remote_type,
+    )

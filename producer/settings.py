@@ -1,0 +1,64 @@
+"""Typed settings, read once from ``SIBYLQ_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration shared by producers and workers. See the README's table."""
+
+    model_config = SettingsConfigDict(env_prefix="SIBYLQ_", frozen=True)
+
+    broker_url: str = "redis://localhost:6379/0"
+    result_backend: str | None = Field(
+        default=None, description="Redis URL for results; defaults to broker_url."
+    )
+    result_expires_s: int = Field(default=7 * 24 * 3600, gt=0)
+    result_timeout_s: float | None = Field(
+        default=None, gt=0, description="Default wait for a result; unset waits without limit."
+    )
+    no_worker_timeout_s: float = Field(
+        default=30.0, ge=0, description="Fail a wait when no worker serves the queue this long."
+    )
+    broker_timeout_s: float = Field(
+        default=120.0, gt=0, description="Fail a wait when Redis stays unreachable this long."
+    )
+    job_time_limit_s: float = Field(default=600.0, gt=0)
+    visibility_timeout_s: int = Field(default=900, gt=0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    models_dir: Path | None = None
+    worker_model: str | None = Field(
+        default=None, description="Set by `sibylq worker MODEL`: the model this worker serves."
+    )
+    llama_n_ctx: int = Field(default=2048, gt=0)
+    llama_n_gpu_layers: int = 0
+    llama_n_threads: int | None = Field(default=None, gt=0)
+    openai_concurrency: int = Field(default=64, gt=0)
+    openai_timeout_s: float = Field(default=120.0, gt=0)
+    openai_max_retries: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_jobs(self) -> Settings:
+        # kombu's Redis transport redelivers any unacked message older than the visibility
+        # timeout, live worker or not: a job allowed to run longer would run twice.
+        if self.visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError(
+                f"SIBYLQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
+                f"SIBYLQ_JOB_TIME_LIMIT_S ({self.job_time_limit_s})"
+            )
+        return self
+
+    @property
+    def result_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,164 @@
+"""Python types <-> JSON schema: what the model must produce and how it comes back typed.
+
+A target is built in the caller's process, before anything is enqueued, so an unsupported
+type fails fast. Targets that are not JSON objects with properties (``str``, ``list[T]``,
+``Literal``, enums, unions...) are wrapped as ``{"output": ...}`` for the model and unwrapped
+on the way back; dataclasses, pydantic models and TypedDicts travel as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
+from pydantic.errors import PydanticInvalidForJsonSchema, PydanticUserError
+
+from .errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
+
+WRAP_KEY = "output"
+
+_UNSUPPORTED = (
+    PydanticSchemaGenerationError,
+    PydanticInvalidForJsonSchema,
+    PydanticUserError,
+    TypeError,
+    NameError,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The JSON schema a job's output must follow, and how to turn that JSON into a value."""
+
+    json_schema: dict[str, Any] | None
+    wrapped: bool = False
+    adapter: TypeAdapter[Any] | None = field(default=None, compare=False)
+
+    def parse(self, value: Any, *, raw_text: str = "", finish_reason: str = "") -> Any:
+        """Convert a worker's JSON value into the target's Python value."""
+        if self.wrapped:
+            if not isinstance(value, dict) or WRAP_KEY not in value:
+                raise OutputValidationError(
+                    f"expected an object with key {WRAP_KEY!r}, got {value!r}",
+                    raw_text=raw_text,
+                    finish_reason=finish_reason,
+                )
+            value = value[WRAP_KEY]
+        if self.adapter is None:
+            return value
+        try:
+            return self.adapter.validate_python(value)
+        except ValidationError as exc:
+            raise OutputValidationError(
+                f"output does not match the requested type: {exc}",
+                raw_text=raw_text,
+                finish_reason=finish_reason,
+            ) from exc
+
+
+TEXT = Target(json_schema=None)
+
+
+def target_for(python_type: Any) -> Target:
+    """The target for ``extract(python_type, ...)``; raises UnsupportedTargetError."""
+    base, description = _split_annotated(python_type)
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(python_type)
+        schema = TypeAdapter(base).json_schema()
+    except _UNSUPPORTED as exc:
+        raise UnsupportedTargetError(
+            f"cannot use {python_type!r} as an output type: {exc}. Use str, int, float, bool, "
+            "list[T], dict[str, T], Literal, Enum, unions, dataclasses, pydantic models, "
+            "TypedDicts, datetime or date."
+        ) from exc
+    if description:
+        schema["description"] = description
+    if _is_object_with_properties(schema):
+        return Target(json_schema=schema, adapter=adapter)
+    return Target(json_schema=_wrap(schema), wrapped=True, adapter=adapter)
+
+
+def classify_target(labels: Any) -> Target:
+    """The target for ``classify(labels, ...)``: a list of strings, an Enum or a Literal."""
+    if isinstance(labels, type) and issubclass(labels, Enum):
+        if not list(labels):
+            raise InvalidRequestError(f"enum {labels.__name__} has no members to choose from")
+        return target_for(labels)
+    if get_origin(labels) is Literal:
+        return target_for(labels)
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise InvalidRequestError(
+            f"labels must be a list of strings, an Enum or a Literal, not {labels!r}"
+        )
+    _check_labels(labels)
+    return target_for(Literal[tuple(labels)])
+
+
+def json_target(json_schema: dict[str, Any] | str | None) -> Target:
+    """The target for ``json(query, json_schema)``: any JSON object when no schema is given."""
+    if json_schema is None:
+        return Target(json_schema={"type": "object"})
+    schema = _load_schema(json_schema)
+    if _is_object_with_properties(schema) or schema.get("type") == "object":
+        return Target(json_schema=schema)
+    return Target(json_schema=_wrap(schema), wrapped=True)
+
+
+def _check_labels(labels: Sequence[Any]) -> None:
+    if not labels:
+        raise InvalidRequestError("labels must not be empty: give at least one label")
+    bad = [label for label in labels if not isinstance(label, str) or not label.strip()]
+    if bad:
+        raise InvalidRequestError(f"every label must be a non-empty string; bad labels: {bad!r}")
+    if len(set(labels)) != len(labels):
+        raise InvalidRequestError(f"labels must be unique: {list(labels)!r}")
+
+
+def _load_schema(json_schema: dict[str, Any] | str) -> dict[str, Any]:
+    if isinstance(json_schema, str):
+        try:
+            json_schema = json.loads(json_schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"json_schema is not valid JSON: {exc}") from exc
+    if not isinstance(json_schema, dict):
+        raise InvalidRequestError(f"json_schema must be a JSON object, not {json_schema!r}")
+    try:
+        Draft202012Validator.check_schema(json_schema)
+    except SchemaError as exc:
+        raise InvalidRequestError(f"json_schema is not a valid JSON schema: {exc.message}") from exc
+    return json_schema
+
+
+def _split_annotated(python_type: Any) -> tuple[Any, str | None]:
+    """``Annotated[T, "desc"]`` -> (T, "desc"); pydantic ignores plain-string metadata."""
+    if get_origin(python_type) is not Annotated:
+        return python_type, None
+    base, *metadata = get_args(python_type)
+    texts = [item for item in metadata if isinstance(item, str)]
+    others = [item for item in metadata if not isinstance(item, str)]
+    if others:
+        base = Annotated[(base, *others)]  # type: ignore[valid-type]
+    return base, " ".join(texts) or None
+
+
+def _is_object_with_properties(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "object" and bool(schema.get("properties"))
+
+
+def _wrap(schema: dict[str, Any]) -> dict[str, Any]:
+    inner = dict(schema)
+    defs = inner.pop("$defs", None)
+    wrapped: dict[str, Any] = {
+        "type": "object",
+        "properties": {WRAP_KEY: inner},
+        "required": [WRAP_KEY],
+    }
+    if defs:
+        wrapped["$defs"] = defs
+    return wrapped

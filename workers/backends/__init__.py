@@ -1,0 +1,28 @@
+"""One module per backend behind the ``Backend`` protocol; imported only when used."""
+
+from __future__ import annotations
+
+from producer.errors import UnknownModelError
+from producer.settings import Settings
+
+from .base import Backend, Completion, CompletionRequest
+
+
+def create_backend(provider: str, settings: Settings) -> Backend:
+    """The backend for ``provider``. Heavy SDKs are imported here, never at worker start."""
+    if provider == "fake":
+        from .fake import FakeBackend
+
+        return FakeBackend()
+    if provider == "openai":
+        from .openai_api import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    if provider == "llamacpp":
+        from .llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(settings)
+    raise UnknownModelError(f"no backend for provider {provider!r}")
+
+
+__all__ = ["Backend", "Completion", "CompletionRequest", "create_backend"]

@@ -1,0 +1,114 @@
+"""The ``fake`` backend: schema-valid output with no model at all, after an optional delay.
+
+For dry runs, pipeline tests and benchmarks: ``fake`` or ``fake:delay=0.2`` (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from producer.contract import Usage
+from producer.errors import ConfigurationError
+
+from .base import Completion, CompletionRequest
+
+_FORMAT_EXAMPLES = {
+    "date-time": "2024-01-01T00:00:00Z",
+    "date": "2024-01-01",
+    "time": "00:00:00",
+    "email": "someone@example.com",
+    "uri": "https://example.com",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}
+
+
+class FakeBackend:
+    def complete(self, request: CompletionRequest) -> Completion:
+        time.sleep(_delay_s(request.options))
+        if request.json_schema is None:
+            text = "fake output"
+        else:
+            text = json.dumps(example_value(request.json_schema))
+        return Completion(
+            text=text,
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=_word_count(request), completion_tokens=len(text.split())),
+            model="fake",
+        )
+
+
+def _delay_s(options: Any) -> float:
+    raw = options.get("delay", "0")
+    try:
+        delay = float(raw)
+    except ValueError:
+        delay = -1.0
+    if delay < 0:
+        raise ConfigurationError(f"fake:delay must be a number of seconds >= 0, not {raw!r}")
+    return delay
+
+
+def _word_count(request: CompletionRequest) -> int:
+    return sum(len(message.content.split()) for message in request.messages)
+
+
+def example_value(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
+    """A small value that validates against ``schema`` (the subset sibylq's targets produce)."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        return example_value(_resolve(schema["$ref"], root), root)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return example_value(schema[key][0], root)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = kind[0]
+    return _EXAMPLES_BY_TYPE[kind](schema, root)
+
+
+def _resolve(ref: str, root: dict[str, Any]) -> dict[str, Any]:
+    node: Any = root
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return dict(node)
+
+
+def _example_object(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    properties = schema.get("properties", {})
+    return {name: example_value(properties[name], root) for name in schema.get("required", [])}
+
+
+def _example_array(schema: dict[str, Any], root: dict[str, Any]) -> list[Any]:
+    count = max(int(schema.get("minItems", 1)), 1)
+    items = schema.get("items", {"type": "string"})
+    return [example_value(items, root) for _ in range(count)]
+
+
+def _example_string(schema: dict[str, Any], root: dict[str, Any]) -> str:
+    text = _FORMAT_EXAMPLES.get(schema.get("format", ""), "fake")
+    return text.ljust(int(schema.get("minLength", 0)), "x")
+
+
+def _example_number(schema: dict[str, Any], root: dict[str, Any]) -> float:
+    return float(schema.get("minimum", 0))
+
+
+def _example_integer(schema: dict[str, Any], root: dict[str, Any]) -> int:
+    return int(schema.get("minimum", 0))
+
+
+_EXAMPLES_BY_TYPE: dict[str, Any] = {
+    "object": _example_object,
+    "array": _example_array,
+    "string": _example_string,
+    "number": _example_number,
+    "integer": _example_integer,
+    "boolean": lambda schema, root: True,
+    "null": lambda schema, root: None,
+}

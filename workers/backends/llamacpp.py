@@ -1,0 +1,111 @@
+"""The llama.cpp backend: a GGUF model loaded once per worker process, output constrained by a
+grammar built from the job's JSON schema.
+
+``Llama`` is not thread-safe: llama workers run one job at a time per process and scale by
+processes. The schema also goes into the system instruction (as Sibila does for local
+models): small models follow a grammar far better when they are told what it is for.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from llama_cpp import Llama, LlamaGrammar
+
+from producer.contract import Message, Usage
+from producer.errors import BackendError, ConfigurationError, PromptTooLongError
+from producer.modelref import model_stem, parse_model_ref
+from producer.settings import Settings
+
+from ..model_files import resolve_model_path
+from .base import Completion, CompletionRequest
+
+_SCHEMA_INSTRUCTION = "Answer only with a JSON object that follows this JSON schema:\n{schema}"
+
+
+class LlamaCppBackend:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._models: dict[Path, Llama] = {}
+        self._lock = threading.Lock()
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        llm = self.load(resolve_model_path(self._served_name(request.model), self._settings))
+        schema = request.json_schema
+        genconf = request.genconf
+        try:
+            with self._lock:
+                response: Any = llm.create_chat_completion(
+                    messages=_chat_messages(request.messages, schema),
+                    grammar=None if schema is None else _grammar(json.dumps(schema)),
+                    max_tokens=genconf.max_tokens,
+                    temperature=genconf.temperature,
+                    top_p=genconf.top_p,
+                    stop=list(genconf.stop) or None,
+                    seed=genconf.seed,
+                )
+        except ValueError as exc:
+            if "context window" in str(exc):
+                raise PromptTooLongError(
+                    f"{exc}; shorten the prompt or raise SIBYLQ_LLAMA_N_CTX"
+                ) from exc
+            raise BackendError(f"llama.cpp failed: {exc}") from exc
+        choice = response["choices"][0]
+        usage = response.get("usage") or {}
+        return Completion(
+            text=choice["message"].get("content") or "",
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=Usage(
+                prompt_tokens=usage.get("prompt_tokens", 0),
+                completion_tokens=usage.get("completion_tokens", 0),
+            ),
+            model=str(request.model),
+        )
+
+    def _served_name(self, requested: str) -> str:
+        """The worker's own model file when it was started for one (``sibylq worker``)."""
+        if self._settings.worker_model is None:
+            return requested
+        served = parse_model_ref(self._settings.worker_model)
+        if model_stem(served.name) != model_stem(requested):
+            raise ConfigurationError(
+                f"this worker serves {served}, not llamacpp:{requested}: check the queue routing"
+            )
+        return served.name
+
+    def load(self, path: Path) -> Llama:
+        """The model at ``path``, loaded on first use and kept for the process's life."""
+        with self._lock:
+            if path not in self._models:
+                try:
+                    self._models[path] = Llama(
+                        model_path=str(path),
+                        n_ctx=self._settings.llama_n_ctx,
+                        n_gpu_layers=self._settings.llama_n_gpu_layers,
+                        n_threads=self._settings.llama_n_threads,
+                        verbose=False,
+                    )
+                except (ValueError, RuntimeError) as exc:
+                    raise BackendError(f"cannot load model {path}: {exc}") from exc
+            return self._models[path]
+
+
+@lru_cache(maxsize=64)
+def _grammar(schema_json: str) -> LlamaGrammar:
+    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+
+
+def _chat_messages(messages: tuple[Message, ...], schema: dict[str, Any] | None) -> list[Any]:
+    chat = [message.model_dump() for message in messages]
+    if schema is None:
+        return chat
+    instruction = _SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
+    if chat[0]["role"] == "system":
+        chat[0] = {"role": "system", "content": f"{chat[0]['content']}\n\n{instruction}"}
+    else:
+        chat.insert(0, {"role": "system", "content": instruction})
+    return chat

@@ -1,0 +1,73 @@
+"""Worker liveness in Redis, so producers can say "no worker serves this queue".
+
+Every ``heartbeat_interval_s`` a worker stamps its hostname into ``sibylq:workers:<queue>``
+for each queue it consumes and refreshes ``sibylq:worker:<hostname>``. It writes to the
+result Redis, the one producers read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+
+import redis
+
+from producer.client import HEARTBEAT_GRACE
+from producer.constants import worker_info_key, workers_key
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, settings: Settings, hostname: str, queues: Iterable[str]) -> None:
+        self._redis = redis.Redis.from_url(settings.result_url, socket_connect_timeout=2)
+        self._interval_s = settings.heartbeat_interval_s
+        self._hostname = hostname
+        self._queues = sorted(queues)
+        self._info = {
+            "hostname": hostname,
+            "queues": self._queues,
+            "model": settings.worker_model,
+            "pid": os.getpid(),
+        }
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sibylq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            with self._redis.pipeline() as pipe:
+                for queue in self._queues:
+                    pipe.zrem(workers_key(queue), self._hostname)
+                pipe.delete(worker_info_key(self._hostname))
+                pipe.execute()
+        except redis.RedisError:
+            pass  # the entries expire on their own
+        self._redis.close()
+
+    def beat(self) -> None:
+        now = time.time()
+        grace = HEARTBEAT_GRACE * self._interval_s
+        with self._redis.pipeline() as pipe:
+            for queue in self._queues:
+                pipe.zadd(workers_key(queue), {self._hostname: now})
+                pipe.zremrangebyscore(workers_key(queue), "-inf", now - grace)
+            pipe.set(worker_info_key(self._hostname), json.dumps(self._info), ex=int(grace) + 1)
+            pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat to Redis failed: %s", exc)
+            self._stop.wait(self._interval_s)
