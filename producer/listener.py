@@ -35,18 +35,22 @@ class ResultListener:
     def __init__(self, url: str, *, heartbeat_grace_s: float, presence_ttl_s: float = 1.0) -> None:
         # No silent retries inside redis-py: a reconnect it made on its own would resubscribe
         # but skip re-reading the keys stored meanwhile. The session loop does both.
-        self._redis = aioredis.Redis.from_url(
+        # At most 3 connections: the pub/sub one, and two for commands (MGET, ZCOUNT).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=3,
+            timeout=None,
             client_name="sibylq-listener",
             socket_connect_timeout=2,
-            max_connections=4,
             retry=Retry(NoBackoff(), 0),
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
         self._subscribed: set[str] = set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._presence: dict[str, tuple[float, bool]] = {}
+        self._presence_asks: dict[str, asyncio.Future[Any]] = {}
         self._presence_ttl_s = presence_ttl_s
         self._heartbeat_grace_s = heartbeat_grace_s
         self.connected = asyncio.Event()
@@ -64,18 +68,24 @@ class ResultListener:
         return future
 
     async def workers_alive(self, queue: str) -> Any:
-        """Whether a live worker serves ``queue`` (cached briefly: thousands of handles ask)."""
-        now = time.monotonic()
+        """Whether a live worker serves ``queue``. Thousands of handles ask: one query per
+        queue is in flight at a time and its answer is cached briefly."""
         cached = self._presence.get(queue)
-        if cached is not None and now - cached[0] < self._presence_ttl_s:
+        if cached is not None and time.monotonic() - cached[0] < self._presence_ttl_s:
             return cached[1]
+        asking = self._presence_asks.get(queue)
+        if asking is None or asking.done():
+            asking = asyncio.ensure_future(self._ask_presence(queue))
+            self._presence_asks[queue] = asking
+        return await asyncio.shield(asking)
+
+    async def _ask_presence(self, queue: str) -> Any:
+        since = time.time() - self._heartbeat_grace_s
         try:
-            alive = await self._redis.zcount(
-                workers_key(queue), time.time() - self._heartbeat_grace_s, "+inf"
-            ) > 0
+            alive = await self._redis.zcount(workers_key(queue), since, "+inf") > 0
         except RedisError:
             return UNREACHABLE
-        self._presence[queue] = (now, alive)
+        self._presence[queue] = (time.monotonic(), alive)
         return alive
 
     async def wait(self, future: asyncio.Future[bytes], seconds: float) -> Any:

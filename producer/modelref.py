@@ -38,8 +38,11 @@ def model_stem(name: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def parse_model_ref(ref: str) -> ModelRef:
-    """Parse ``"provider:name[,key=value...]"``; raises UnknownModelError."""
+def parse_model_ref(ref: str, *, any_api_model: bool = False) -> ModelRef:
+    """Parse ``"provider:name[,key=value...]"``; raises UnknownModelError.
+
+    ``any_api_model`` admits a bare ``openai``: a worker that serves every model of its API.
+    """
     if not isinstance(ref, str) or not ref.strip():
         raise UnknownModelError(f"a model reference must be a non-empty string, not {ref!r}")
     provider, _, rest = ref.strip().partition(":")
@@ -52,7 +55,8 @@ def parse_model_ref(ref: str) -> ModelRef:
     if len(names) > 1:
         raise UnknownModelError(f"{ref!r} names more than one model: {names!r}")
     name = names[0] if names else ""
-    if provider != "fake" and not name:
+    optional = provider == "fake" or (any_api_model and provider == "openai")
+    if not name and not optional:
         raise UnknownModelError(f"{ref!r} needs a model name, e.g. {provider}:<name>")
     return ModelRef(provider=provider, name=name, options=options)
 

@@ -33,7 +33,7 @@ def run_worker(
     queue: str | None = None,
     loglevel: str = "INFO",
 ) -> int:
-    ref = parse_model_ref(model)
+    ref = parse_model_ref(model, any_api_model=True)
     os.environ["SIBYLQ_WORKER_MODEL"] = str(ref)
     get_settings.cache_clear()
     settings = get_settings()

@@ -1,0 +1,77 @@
+"""A llama.cpp worker running the bundled SmolLM2: real generation, typed values.
+
+SmolLM2-135M is a weak model: these tests check validity and types, never accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from producer import Client, Models, OutputValidationError, PromptTooLongError
+from tests.conftest import Worker
+
+
+@dataclasses.dataclass
+class Person:
+    name: str
+    age: int
+    city: str
+
+
+@pytest.fixture
+def model(client: Client, llama_worker: Worker) -> Any:
+    return Models.create("llamacpp:smollm2", client=client, genconf={"max_tokens": 128})
+
+
+def test_classify_returns_one_of_the_labels(model: Any) -> None:
+    label = model.classify(["spam", "not spam"], "I am a Nigerian prince and will make you rich!")
+    assert label in ("spam", "not spam")
+
+
+def test_extract_a_dataclass(model: Any) -> None:
+    person = model.extract(Person, "John Smith is 42 years old and lives in Paris.")
+    assert isinstance(person, Person)
+    assert isinstance(person.age, int)
+
+
+async def test_extract_async_a_list(model: Any) -> None:
+    job = model.extract_async(list[str], "Generate 3 English first names", genconf={"max_tokens": 256})
+    try:
+        names = await job
+    except OutputValidationError as exc:  # a 135M model may loop until max_tokens
+        assert exc.finish_reason == "length"
+    else:
+        assert isinstance(names, list)
+        assert all(isinstance(name, str) for name in names)
+
+
+def test_text_and_envelope(model: Any) -> None:
+    envelope = model.call_async("Say hello.", genconf={"max_tokens": 16}).envelope(timeout=60)
+    assert isinstance(envelope.value, str)
+    assert envelope.usage.completion_tokens > 0
+    assert envelope.usage.prompt_tokens > 0
+    assert envelope.worker.startswith("sibylq-llamacpp-smollm2-")
+
+
+def test_output_cut_at_max_tokens_is_a_validation_error(model: Any) -> None:
+    with pytest.raises(OutputValidationError) as caught:
+        model.extract(Person, "John Smith is 42 and lives in Paris.", genconf={"max_tokens": 3})
+    assert caught.value.finish_reason == "length"
+    assert caught.value.raw_text
+    assert "max_tokens=3" in str(caught.value)
+
+
+def test_prompt_longer_than_the_context_is_a_typed_error(model: Any) -> None:
+    with pytest.raises(PromptTooLongError, match="context"):
+        model.call("word " * 5000)
+
+
+def test_the_worker_keeps_serving_after_failures(model: Any, llama_worker: Worker) -> None:
+    for _ in range(2):
+        with pytest.raises(PromptTooLongError):
+            model.call("word " * 5000)
+    assert model.classify(["yes", "no"], "Is the sky blue?") in ("yes", "no")
+    assert llama_worker.process.poll() is None

@@ -1,0 +1,431 @@
+"""The ``openai`` backend against a real HTTP server (the stub), through the real ``openai`` SDK.
+
+The stub's behaviour is picked by the model name: see ``tests/openai_stub.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from producer.contract import GenConf, Message
+from producer.errors import BackendError, PromptTooLongError
+from producer.settings import Settings
+from tests.openai_stub import MODELS, OpenAIStub
+from workers.backends.base import CompletionRequest
+from workers.backends.openai_api import OpenAIBackend, forget_modes, remembered_mode
+
+API_KEY = "sk-test-0123456789abcdefghijklmnop"
+
+PERSON: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+PERSON_EXAMPLE = {"name": "fake", "age": 0}
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[OpenAIStub]:
+    with OpenAIStub() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh(stub: OpenAIStub) -> None:
+    stub.clear()
+    forget_modes()
+
+
+@pytest.fixture
+def client(stub: OpenAIStub) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stub.base_url, api_key=API_KEY, max_retries=0, timeout=5)
+
+
+@pytest.fixture
+def backend(client: openai.OpenAI) -> OpenAIBackend:
+    return OpenAIBackend(Settings(), client=client)
+
+
+def request(
+    model: str = "stub",
+    schema: dict[str, Any] | None = None,
+    *,
+    system: str | None = None,
+    genconf: GenConf | None = None,
+) -> CompletionRequest:
+    messages = [Message(role="user", content="Who is it?")]
+    if system is not None:
+        messages.insert(0, Message(role="system", content=system))
+    return CompletionRequest(
+        model=model,
+        messages=tuple(messages),
+        json_schema=schema,
+        genconf=genconf or GenConf(),
+    )
+
+
+def modes_sent(bodies: list[dict[str, Any]]) -> list[str]:
+    """The structured output mode of each request the stub received."""
+    return [
+        "tools" if "tools" in body else body.get("response_format", {}).get("type", "text")
+        for body in bodies
+    ]
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+
+def test_a_text_job_is_a_plain_chat_completion(backend: OpenAIBackend, stub: OpenAIStub) -> None:
+    completion = backend.complete(request())
+
+    assert completion.text == "stub reply: Who is it?"
+    assert completion.finish_reason == "stop"
+    assert completion.model == "stub"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (3, 5)
+    (sent,) = stub.requests
+    assert "response_format" not in sent
+    assert "tools" not in sent
+
+
+def test_genconf_maps_to_request_parameters(backend: OpenAIBackend, stub: OpenAIStub) -> None:
+    genconf = GenConf(max_tokens=50, temperature=0.5, top_p=0.9, stop=("###",), seed=7)
+
+    backend.complete(request(genconf=genconf))
+
+    (sent,) = stub.requests
+    assert sent["model"] == "stub"
+    assert sent["messages"] == [{"role": "user", "content": "Who is it?"}]
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (50, 0.5, 0.9)
+    assert (sent["stop"], sent["seed"]) == (["###"], 7)
+
+
+def test_empty_stop_and_unset_seed_are_not_sent(backend: OpenAIBackend, stub: OpenAIStub) -> None:
+    backend.complete(request())
+
+    (sent,) = stub.requests
+    assert "stop" not in sent
+    assert "seed" not in sent
+
+
+# -- structured output modes --------------------------------------------------------------------
+
+
+def test_a_structured_job_uses_json_schema_first(backend: OpenAIBackend, stub: OpenAIStub) -> None:
+    completion = backend.complete(request("gpt-4o-mini", PERSON))
+
+    assert json.loads(completion.text) == PERSON_EXAMPLE
+    assert completion.finish_reason == "stop"
+    (sent,) = stub.requests
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": PERSON, "strict": False},
+    }
+    assert remembered_mode(stub.base_url, "gpt-4o-mini") == "json_schema"
+
+
+@pytest.mark.parametrize("model", ["stub-no-json-schema", "stub-tools-only"])
+def test_it_falls_back_to_a_forced_tool_call_and_remembers_it(
+    backend: OpenAIBackend, stub: OpenAIStub, model: str
+) -> None:
+    first = backend.complete(request(model, PERSON))
+    second = backend.complete(request(model, PERSON))
+
+    assert json.loads(first.text) == json.loads(second.text) == PERSON_EXAMPLE
+    assert first.finish_reason == "stop"  # "tool_calls", normalized
+    assert modes_sent(stub.requests) == ["json_schema", "tools", "tools"]
+    tool_request = stub.requests[-1]
+    assert tool_request["tools"] == [
+        {"type": "function", "function": {"name": "output", "parameters": PERSON}}
+    ]
+    assert tool_request["tool_choice"] == {"type": "function", "function": {"name": "output"}}
+    assert remembered_mode(stub.base_url, model) == "tools"
+
+
+def test_the_remembered_mode_is_per_model(backend: OpenAIBackend, stub: OpenAIStub) -> None:
+    backend.complete(request("stub-tools-only", PERSON))
+    backend.complete(request("stub", PERSON))
+
+    assert modes_sent(stub.requests) == ["json_schema", "tools", "json_schema"]
+
+
+def test_the_remembered_mode_is_shared_by_backends(client: openai.OpenAI, stub: OpenAIStub) -> None:
+    OpenAIBackend(Settings(), client=client).complete(request("stub-no-json-schema", PERSON))
+    OpenAIBackend(Settings(), client=client).complete(request("stub-no-json-schema", PERSON))
+
+    assert modes_sent(stub.requests) == ["json_schema", "tools", "tools"]
+
+
+def test_json_object_is_the_last_resort(
+    monkeypatch: pytest.MonkeyPatch, backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    refuse_tools(monkeypatch)
+
+    completion = backend.complete(request("stub-no-json-schema", PERSON, system="Be brief."))
+
+    assert json.loads(completion.text) == PERSON_EXAMPLE
+    assert modes_sent(stub.requests) == ["json_schema", "tools", "json_object"]
+    sent = stub.requests[-1]
+    assert sent["response_format"] == {"type": "json_object", "schema": PERSON}
+    system, user = sent["messages"]
+    assert system["role"] == "system"
+    assert system["content"].startswith("Be brief.\n\n")
+    assert json.dumps(PERSON) in system["content"]
+    assert user == {"role": "user", "content": "Who is it?"}
+
+
+def test_json_object_adds_a_system_message_when_there_is_none(
+    monkeypatch: pytest.MonkeyPatch, backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    refuse_tools(monkeypatch)
+
+    backend.complete(request("stub-no-json-schema", PERSON))
+
+    system, user = stub.requests[-1]["messages"]
+    assert system["role"] == "system"
+    assert json.dumps(PERSON) in system["content"]
+    assert user["role"] == "user"
+
+
+def test_when_every_mode_is_refused_it_says_which_were_tried(
+    monkeypatch: pytest.MonkeyPatch, backend: OpenAIBackend
+) -> None:
+    refuse_tools(monkeypatch)
+
+    with pytest.raises(BackendError) as raised:
+        backend.complete(request("stub-tools-only", PERSON))
+
+    message = str(raised.value)
+    assert "json_schema, tools, json_object" in message
+    assert "400" in message
+    assert "response_format" in message
+
+
+def refuse_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the stub answer tool calls with a 400, as a server without tool support does."""
+    import tests.openai_stub as stub_module
+
+    original = stub_module._forced_tool
+
+    def no_tools(body: dict[str, Any]) -> Any:
+        if body.get("tools"):
+            raise stub_module.StubError(400, "tools are not supported", param="tools")
+        return original(body)
+
+    monkeypatch.setattr(stub_module, "_forced_tool", no_tools)
+
+
+# -- output the task layer must judge -----------------------------------------------------------
+
+
+def test_truncated_output_comes_back_with_finish_reason_length(backend: OpenAIBackend) -> None:
+    completion = backend.complete(request("stub-truncate", PERSON))
+
+    assert completion.finish_reason == "length"
+    assert completion.text == json.dumps(PERSON_EXAMPLE)[: len(json.dumps(PERSON_EXAMPLE)) // 2]
+
+
+def test_truncated_tool_call_arguments_also_finish_with_length(
+    backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    backend.complete(request("stub-tools-only", PERSON))  # settles on tools for this model
+    completion = backend.complete(request("stub-truncate", PERSON))
+
+    assert completion.finish_reason == "length"
+
+
+def test_invalid_output_is_returned_as_is(backend: OpenAIBackend) -> None:
+    completion = backend.complete(request("stub-invalid", PERSON))
+
+    assert completion.text == "this is not json"
+    assert completion.finish_reason == "stop"
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_a_context_length_error_is_prompt_too_long(
+    backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    with pytest.raises(PromptTooLongError, match="maximum context length is 16 tokens"):
+        backend.complete(request("stub-context", PERSON))
+
+    assert len(stub.requests) == 1  # never a reason to try another mode
+
+
+def test_a_context_length_error_on_a_text_job_is_prompt_too_long(backend: OpenAIBackend) -> None:
+    with pytest.raises(PromptTooLongError):
+        backend.complete(request("stub-context"))
+
+
+@pytest.mark.parametrize("status", [401, 503])
+@pytest.mark.parametrize("schema", [None, PERSON])
+def test_other_http_errors_are_backend_errors_without_the_key(
+    backend: OpenAIBackend, stub: OpenAIStub, status: int, schema: dict[str, Any] | None
+) -> None:
+    with pytest.raises(BackendError) as raised:
+        backend.complete(request(f"stub-status-{status}", schema))
+
+    message = str(raised.value)
+    assert message.startswith(f"{status} from {stub.base_url}/chat/completions: ")
+    assert API_KEY not in message
+    assert API_KEY not in repr(raised.value.args)
+    assert len(stub.requests) == 1
+
+
+def test_a_key_echoed_by_the_server_is_redacted(
+    monkeypatch: pytest.MonkeyPatch, backend: OpenAIBackend
+) -> None:
+    import tests.openai_stub as stub_module
+
+    monkeypatch.setattr(stub_module, "_masked_key", lambda authorization: authorization)
+
+    with pytest.raises(BackendError) as raised:
+        backend.complete(request("stub-status-401"))
+
+    assert API_KEY not in str(raised.value)
+    assert "***" in str(raised.value)
+
+
+def test_a_probe_retries_a_transient_error_with_the_clients_retries(stub: OpenAIStub) -> None:
+    client = openai.OpenAI(base_url=stub.base_url, api_key=API_KEY, max_retries=1, timeout=5)
+
+    with pytest.raises(BackendError, match="503"):
+        OpenAIBackend(Settings(), client=client).complete(request("stub-status-503", PERSON))
+
+    # the probe (no retries), then the same mode with the rest of the client's retries
+    assert len(stub.requests) == 2
+
+
+def test_an_unreachable_endpoint_is_a_backend_error() -> None:
+    with OpenAIStub() as gone:
+        base_url = gone.base_url
+    client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=5)
+
+    with pytest.raises(BackendError, match="cannot reach") as raised:
+        OpenAIBackend(Settings(), client=client).complete(request())
+
+    assert API_KEY not in str(raised.value)
+
+
+def test_a_timeout_is_a_backend_error(stub: OpenAIStub) -> None:
+    client = openai.OpenAI(base_url=stub.base_url, api_key=API_KEY, max_retries=0, timeout=0.2)
+
+    with pytest.raises(BackendError, match="timed out"):
+        OpenAIBackend(Settings(), client=client).complete(request("stub-slow-1000"))
+
+
+# -- the default client -------------------------------------------------------------------------
+
+
+def test_the_default_client_is_shared_and_built_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, stub: OpenAIStub
+) -> None:
+    import workers.backends.openai_api as module
+
+    monkeypatch.setattr(module, "_client", None)
+    monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    settings = Settings(openai_timeout_s=7, openai_max_retries=0)
+
+    first, second = OpenAIBackend(settings), OpenAIBackend(settings)
+
+    assert first._client is second._client
+    assert first._client.api_key == module.PLACEHOLDER_API_KEY
+    assert (first._client.timeout, first._client.max_retries) == (7, 0)
+    assert first.complete(request()).text == "stub reply: Who is it?"
+
+
+# -- the stub itself, through the SDK -----------------------------------------------------------
+
+
+def test_stub_lists_its_models(client: openai.OpenAI) -> None:
+    models = client.models.list()
+
+    assert [model.id for model in models] == list(MODELS)
+    assert client.models.retrieve("anything").id == "anything"
+
+
+def test_stub_answers_a_forced_tool_call_in_openai_shape(
+    client: openai.OpenAI, stub: OpenAIStub
+) -> None:
+    response = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "one two three"}],
+        tools=[{"type": "function", "function": {"name": "person", "parameters": PERSON}}],
+        tool_choice={"type": "function", "function": {"name": "person"}},
+    )
+
+    assert response.object == "chat.completion"
+    assert response.id.startswith("chatcmpl-")
+    (choice,) = response.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.role == "assistant"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function"
+    assert call.id.startswith("call_")
+    assert call.function.name == "person"
+    assert json.loads(call.function.arguments) == PERSON_EXAMPLE
+    assert response.usage is not None
+    assert response.usage.prompt_tokens == 3
+    assert response.usage.total_tokens == 3 + response.usage.completion_tokens
+    assert stub.requests[-1]["model"] == "gpt-4o-mini"
+
+
+def test_stub_mimics_llama_cpp_server_refusing_json_schema(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(
+            model="stub-no-json-schema",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "o", "schema": {}}},
+        )
+
+    assert raised.value.status_code == 500
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "internal_server_error"
+    assert "'text' or 'json_object'" in body["message"]
+
+
+def test_stub_json_object_needs_the_word_json_as_openai_does(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="must contain the word 'json'"):
+        client.chat.completions.create(
+            model="stub",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_object"},
+        )
+
+    response = client.chat.completions.create(
+        model="stub",
+        messages=[{"role": "user", "content": "answer in JSON"}],
+        response_format={"type": "json_object"},
+    )
+    assert response.choices[0].message.content == "{}"
+
+
+def test_stub_cuts_output_at_max_tokens(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="stub",
+        messages=[{"role": "user", "content": "a b c d e"}],
+        max_tokens=3,
+    )
+
+    assert response.choices[0].message.content == "stub reply: a"
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_stub_errors_have_openai_shape(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(
+            model="stub-status-404", messages=[{"role": "user", "content": "hi"}]
+        )
+
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["code"] == "model_not_found"
