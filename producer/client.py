@@ -9,6 +9,7 @@ to every task's result channel at send time and leak those subscriptions (celery
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 import weakref
@@ -81,8 +82,8 @@ class Client:
         return job_id
 
     def read_result(self, job_id: str) -> bytes | None:
-        raw: bytes | None = self.redis.get(result_key(job_id))
-        return raw
+        raw = self.redis.get(result_key(job_id))
+        return raw.encode() if isinstance(raw, str) else raw
 
     def workers_alive(self, queue: str) -> Any:
         try:
@@ -125,13 +126,11 @@ class Subscription:
     def __init__(self, client: redis.Redis, job_id: str) -> None:
         self._redis = client
         self._key = result_key(job_id)
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Subscription:
-        try:
+        with contextlib.suppress(redis.RedisError):  # wait() reports UNREACHABLE and retries
             self._pubsub.subscribe(self._key)
-        except redis.RedisError:
-            pass  # wait() reports UNREACHABLE and retries
         return self
 
     def __exit__(

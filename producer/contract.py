@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ContractError
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 1  # the Literal[1] of JobSpec.version and Envelope.version
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -52,7 +52,7 @@ def _now() -> datetime:
 class JobSpec(_Frozen):
     """One unit of work: a model, a conversation and, for structured jobs, an output schema."""
 
-    version: Literal[1] = CONTRACT_VERSION
+    version: Literal[1] = 1
     model: str
     kind: JobKind
     messages: tuple[Message, ...] = Field(min_length=1)
@@ -94,7 +94,7 @@ class Timings(_Frozen):
 class Envelope(_Frozen):
     """A stored result: the JSON value and everything known about how it was made."""
 
-    version: Literal[1] = CONTRACT_VERSION
+    version: Literal[1] = 1
     value: Any
     raw_text: str
     finish_reason: str

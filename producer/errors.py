@@ -5,8 +5,8 @@
     SibylqError
     ├── ConfigurationError          bad settings or model options
     │   └── UnknownModelError       unknown provider, or a model name that resolves to nothing
-    ├── UnsupportedTargetError      (also TypeError) a Python type sibylq cannot express as JSON schema
-    ├── InvalidRequestError         (also ValueError) empty query, bad labels, invalid JSON schema...
+    ├── UnsupportedTargetError      (also TypeError) a type sibylq cannot express as JSON schema
+    ├── InvalidRequestError         (also ValueError) empty query, bad labels, bad JSON schema...
     ├── ContractError               a payload that does not match the job contract
     ├── BrokerUnavailableError      Redis could not be reached to enqueue or to wait
     ├── NoWorkerError               no live worker serves the job's queue

@@ -6,7 +6,6 @@ holds a future on the process's shared result listener, not a thread or a connec
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Generator
 from enum import StrEnum

@@ -145,7 +145,7 @@ class ResultListener:
             if reader is not None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _next_change(self, reader: asyncio.Task[None] | None) -> None:
         """Wait until handles come or go, or the reader dies (its error is re-raised)."""
@@ -183,12 +183,12 @@ class ResultListener:
                 channel = message["channel"].decode()
                 self._deliver(job_id_from_result_key(channel), message["data"])
 
-    def _deliver(self, job_id: str, raw: bytes | None) -> None:
+    def _deliver(self, job_id: str, raw: bytes | str | None) -> None:
         if ready_meta(raw) is None or raw is None:
             return
         for future in list(self._waiters.get(job_id, ())):
             if not future.done():
-                future.set_result(raw)
+                future.set_result(raw if isinstance(raw, bytes) else raw.encode())
 
 
 def _chunks(items: Iterable[str]) -> Iterable[list[str]]:

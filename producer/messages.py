@@ -19,7 +19,9 @@ def build_messages(query: Query, inst: str | None = None) -> tuple[Message, ...]
     if isinstance(query, str):
         turns = [Message(role="user", content=query)]
     elif isinstance(query, Sequence):
-        turns = [_message(item) for item in query]
+        turns = [_message(item) for item in query if not isinstance(item, str)]
+        if len(turns) != len(query):
+            raise InvalidRequestError("a list query holds messages ({role, content}), not strings")
     else:
         raise InvalidRequestError(f"query must be a string or a list of messages, not {query!r}")
     if inst is not None:

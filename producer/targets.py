@@ -143,7 +143,7 @@ def _split_annotated(python_type: Any) -> tuple[Any, str | None]:
     texts = [item for item in metadata if isinstance(item, str)]
     others = [item for item in metadata if not isinstance(item, str)]
     if others:
-        base = Annotated[(base, *others)]  # type: ignore[valid-type]
+        base = Annotated[(base, *others)]
     return base, " ".join(texts) or None
 
 

@@ -59,7 +59,9 @@ def decode_output(spec: JobSpec, completion: Completion) -> Any:
     errors = sorted(_validator(json.dumps(spec.json_schema)).iter_errors(value), key=str)
     if errors:
         where = "/".join(map(str, errors[0].absolute_path)) or "(root)"
-        raise _invalid(f"output does not match the schema at {where}: {errors[0].message}", completion)
+        raise _invalid(
+            f"output does not match the schema at {where}: {errors[0].message}", completion
+        )
     return value
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from celery import Task
@@ -17,7 +17,7 @@ from .backends import Backend, create_backend
 from .execute import execute
 
 
-class JobFailure(Exception):
+class JobFailure(Exception):  # noqa: N818 - the name is part of the result contract
     """Carries a ``Failure`` (a JSON dict) to the result backend; the name is the contract."""
 
     def __init__(self, failure: dict[str, Any]) -> None:
@@ -27,7 +27,7 @@ class JobFailure(Exception):
 assert JobFailure.__name__ == FAILURE_CARRIER
 
 
-@lru_cache(maxsize=None)
+@cache
 def backend_for(provider: str, settings: Settings) -> Backend:
     """One backend per provider per worker process: models and HTTP clients load once."""
     return create_backend(provider, settings)

@@ -88,8 +88,8 @@ class TestSync:
     def test_extract_returns_the_requested_type(self, model: Any, target: Any) -> None:
         value = model.extract(target, "anything")
         assert _is_instance(value, target)
-        if dataclasses.is_dataclass(target) or isinstance(target, type) and issubclass(
-            target, pydantic.BaseModel
+        if dataclasses.is_dataclass(target) or (
+            isinstance(target, type) and issubclass(target, pydantic.BaseModel)
         ):
             assert type(value) is target
 

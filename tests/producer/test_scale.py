@@ -33,7 +33,9 @@ async def test_ten_thousand_handles_awaited_together(
     await asyncio.sleep(0.5)
 
     assert not gathering.done()
-    assert _listener_connections(redis_server.url) <= 3  # one pub/sub connection, at most two for commands
+    assert (
+        _listener_connections(redis_server.url) <= 3
+    )  # one pub/sub connection, at most two for commands
     assert threading.active_count() == threads_before
 
     results = await asyncio.wait_for(gathering, timeout=240)

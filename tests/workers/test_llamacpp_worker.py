@@ -38,7 +38,9 @@ def test_extract_a_dataclass(model: Any) -> None:
 
 
 async def test_extract_async_a_list(model: Any) -> None:
-    job = model.extract_async(list[str], "Generate 3 English first names", genconf={"max_tokens": 256})
+    job = model.extract_async(
+        list[str], "Generate 3 English first names", genconf={"max_tokens": 256}
+    )
     try:
         names = await job
     except OutputValidationError as exc:  # a 135M model may loop until max_tokens

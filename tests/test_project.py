@@ -1,0 +1,42 @@
+"""Promises the project makes about itself: lint and types are clean, the producer stays
+light, and the README's configuration table lists every setting."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from producer.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
+    ids=" ".join,
+)
+def test_code_is_clean(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_producer_never_imports_llama_cpp_or_openai() -> None:
+    code = (
+        "import sys, producer, producer.cli, producer.job, producer.listener; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'openai')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"`(SIBYLQ_[A-Z0-9_]+)`", readme))
+    assert {f"SIBYLQ_{name.upper()}" for name in Settings.model_fields} <= documented
