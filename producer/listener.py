@@ -33,8 +33,10 @@ class ResultListener:
     """Resolves ``watch(job_id)`` futures with the job's stored result (raw JSON bytes)."""
 
     def __init__(self, url: str, *, heartbeat_grace_s: float, presence_ttl_s: float = 1.0) -> None:
-        # No silent retries inside redis-py: a reconnect it made on its own would resubscribe
-        # but skip re-reading the keys stored meanwhile. The session loop does both.
+        # No retries or reconnects inside redis-py (supported_errors=()): one made on its own
+        # would resubscribe but skip re-reading the keys stored meanwhile, and a reconnect
+        # from a subscribe call would read the handshake while the reader task reads. Errors
+        # end the session instead; the next one resubscribes and re-reads everything.
         # At most 3 connections: the pub/sub one, and two for commands (MGET, ZCOUNT).
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -42,7 +44,7 @@ class ResultListener:
             timeout=None,
             client_name="sibylq-listener",
             socket_connect_timeout=2,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 0, supported_errors=()),
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
