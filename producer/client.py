@@ -72,7 +72,14 @@ class Client:
         job_id = job_id or str(uuid.uuid4())
         try:
             self.celery.send_task(
-                TASK_NAME, args=[spec.encode()], task_id=job_id, queue=queue, routing_key=queue
+                TASK_NAME,
+                args=[spec.encode()],
+                task_id=job_id,
+                queue=queue,
+                routing_key=queue,
+                # Celery would saferepr() the whole job for logs and Flower: slow, and noisy.
+                argsrepr=f"<{spec.kind} job for {spec.model}>",
+                kwargsrepr="{}",
             )
         except (OperationalError, OSError) as exc:
             raise BrokerUnavailableError(

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from jsonschema import Draft202012Validator
@@ -67,6 +68,20 @@ TEXT = Target(json_schema=None)
 
 def target_for(python_type: Any) -> Target:
     """The target for ``extract(python_type, ...)``; raises UnsupportedTargetError."""
+    try:
+        return _cached_target(python_type)
+    except TypeError as exc:  # an unhashable type expression: build it every time
+        if isinstance(exc, UnsupportedTargetError):
+            raise
+        return _build_target(python_type)
+
+
+@lru_cache(maxsize=512)
+def _cached_target(python_type: Any) -> Target:
+    return _build_target(python_type)
+
+
+def _build_target(python_type: Any) -> Target:
     base, description = _split_annotated(python_type)
     try:
         adapter: TypeAdapter[Any] = TypeAdapter(python_type)
