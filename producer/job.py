@@ -119,10 +119,10 @@ class Job(Generic[T]):
 
     def result(self, timeout: float | None = None) -> T:
         """Block until the job finishes; its value as the requested Python type."""
-        return self._value(self.envelope(timeout))
+        return self.value_of(self.envelope(timeout))
 
     async def result_async(self, timeout: float | None = None) -> T:
-        return self._value(await self.envelope_async(timeout))
+        return self.value_of(await self.envelope_async(timeout))
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.result_async().__await__()
@@ -145,7 +145,8 @@ class Job(Generic[T]):
     def _open(self, meta: dict[str, Any]) -> Envelope:
         return envelope_from_meta(meta, self.id)
 
-    def _value(self, envelope: Envelope) -> T:
+    def value_of(self, envelope: Envelope) -> T:
+        """The envelope's value as this job's Python type."""
         try:
             value: T = self._target.parse(
                 envelope.value, raw_text=envelope.raw_text, finish_reason=envelope.finish_reason

@@ -72,8 +72,11 @@ class Model:
         inst: str | None = None,
         genconf: GenConfLike = None,
         job_id: str | None = None,
+        once: bool = False,
     ) -> Job[Any]:
-        """Validate, build and enqueue one job: the core every method shares."""
+        """Validate, build and enqueue one job: the core every method shares. With ``once``
+        (and a ``job_id``) a job id enqueued before is not enqueued again: the handle
+        attaches to it."""
         spec = JobSpec(
             model=str(self.ref),
             kind=kind,
@@ -81,7 +84,10 @@ class Model:
             json_schema=target.json_schema,
             genconf=merge_genconf(self.genconf, genconf),
         )
-        job_id = self.client.submit(spec, self.queue, job_id)
+        if once and job_id is not None:
+            self.client.submit_once(spec, self.queue, job_id)
+        else:
+            job_id = self.client.submit(spec, self.queue, job_id)
         return Job(job_id, client=self.client, target=target, model=spec.model, queue=self.queue)
 
     # -- async twins: enqueue now, return an awaitable handle ----------------------------

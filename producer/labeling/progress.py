@@ -1,0 +1,107 @@
+"""Progress of a labeling run: a live bar on a terminal, log lines otherwise, or nothing."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+from tqdm import tqdm
+
+from .results import LabelResult
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, result: LabelResult | None) -> None:
+        if result is None:
+            self.skipped += 1
+            return
+        if result.ok:
+            self.done += 1
+        else:
+            self.failed += 1
+        self.prompt_tokens += result.usage.prompt_tokens
+        self.completion_tokens += result.usage.completion_tokens
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rows_per_s(self) -> float:
+        return (self.done + self.failed) / max(self.elapsed_s, 1e-9)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def line(self) -> str:
+        return (
+            f"done {self.done}, failed {self.failed}, skipped {self.skipped} in "
+            f"{self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s), tokens {self.tokens} "
+            f"({self.prompt_tokens} prompt + {self.completion_tokens} completion)"
+        )
+
+
+class Progress(Protocol):
+    def update(self, summary: Summary) -> None: ...
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    def update(self, summary: Summary) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress:
+    """A tqdm bar: rows done, failed, rows/s, ETA (when the total is known) and tokens."""
+
+    def __init__(self, total: int | None, stream: IO[str]) -> None:
+        self._bar = tqdm(total=total, unit="row", file=stream, dynamic_ncols=True)
+
+    def update(self, summary: Summary) -> None:
+        self._bar.n = summary.done + summary.failed + summary.skipped
+        self._bar.set_postfix(
+            done=summary.done, failed=summary.failed, tokens=summary.tokens, refresh=False
+        )
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class LogProgress:
+    """A plain line every ``every_s`` seconds, for logs and pipes."""
+
+    def __init__(self, stream: IO[str], every_s: float = 5.0) -> None:
+        self._stream = stream
+        self._every_s = every_s
+        self._last = time.monotonic()
+
+    def update(self, summary: Summary) -> None:
+        if time.monotonic() - self._last >= self._every_s:
+            self._last = time.monotonic()
+            print(f"sibylq label: {summary.line()}", file=self._stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_for(quiet: bool, total: int | None, stream: IO[str] = sys.stderr) -> Progress:
+    if quiet:
+        return NoProgress()
+    if stream.isatty():
+        return BarProgress(total, stream)
+    return LogProgress(stream)
