@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ async def label_async(
     id_field: str | None = None,
     max_in_flight: int = 256,
     ordered: bool = False,
-) -> AsyncIterator[LabelResult]:
+) -> AsyncGenerator[LabelResult, None]:
     """Label in-memory records; yields each row's result as it completes."""
     rows = rows_from(records, id_field=id_field)
     async for result in label_rows(task, rows, max_in_flight=max_in_flight, ordered=ordered):
