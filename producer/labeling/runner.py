@@ -67,18 +67,21 @@ async def label_rows(
     previous = previous or Previous()
     fingerprint = task.fingerprint
     window = _Window(ordered)
-    for sequence, row in enumerate(rows):
-        if key_text(row.key) in previous.done:
-            yield None
-            continue
-        while window.size >= max_in_flight:
+    try:
+        for sequence, row in enumerate(rows):
+            if key_text(row.key) in previous.done:
+                yield None
+                continue
+            while window.size >= max_in_flight:
+                for result in await window.next_results():
+                    yield result
+            attempt = previous.failed.get(key_text(row.key), 0) + 1
+            window.add(sequence, _start(task, row, fingerprint, attempt))
+        while window.size:
             for result in await window.next_results():
                 yield result
-        attempt = previous.failed.get(key_text(row.key), 0) + 1
-        window.add(sequence, _start(task, row, fingerprint, attempt))
-    while window.size:
-        for result in await window.next_results():
-            yield result
+    finally:
+        window.cancel()  # on Ctrl-C: stop waiting; the jobs themselves finish on the workers
 
 
 def _start(
@@ -146,37 +149,50 @@ def _done(result: LabelResult) -> asyncio.Future[LabelResult]:
 
 
 class _Window:
-    """The jobs in flight, plus (when ordered) finished results waiting for their turn."""
+    """The jobs in flight, plus (when ordered) finished results waiting for their turn.
+
+    Finished jobs report to a queue, so waiting costs O(1) per result whatever the window.
+    """
 
     def __init__(self, ordered: bool) -> None:
         self.ordered = ordered
-        self.running: dict[asyncio.Future[LabelResult], int] = {}
+        self.arrivals: asyncio.Queue[tuple[int, LabelResult]] = asyncio.Queue()
+        self.running: dict[int, asyncio.Future[LabelResult]] = {}
         self.finished: dict[int, LabelResult] = {}
-        self.next_sequence: int | None = None
 
     @property
     def size(self) -> int:
         return len(self.running) + len(self.finished)
 
     def add(self, sequence: int, future: asyncio.Future[LabelResult]) -> None:
-        if self.next_sequence is None:
-            self.next_sequence = sequence
-        self.running[future] = sequence
+        self.running[sequence] = future
+        future.add_done_callback(lambda done: self._arrived(sequence, done))
+
+    def _arrived(self, sequence: int, future: asyncio.Future[LabelResult]) -> None:
+        if not future.cancelled():
+            self.arrivals.put_nowait((sequence, future.result()))
 
     async def next_results(self) -> list[LabelResult]:
         """Wait for at least one job, then the results that may leave now."""
-        done, _ = await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
-        arrived = {self.running.pop(future): future.result() for future in done}
+        arrived = [await self.arrivals.get()]
+        while not self.arrivals.empty():
+            arrived.append(self.arrivals.get_nowait())
+        for sequence, _ in arrived:
+            del self.running[sequence]
         if not self.ordered:
-            return list(arrived.values())
+            return [result for _, result in arrived]
         self.finished.update(arrived)
         return self._release_in_order()
 
     def _release_in_order(self) -> list[LabelResult]:
         released: list[LabelResult] = []
-        waiting = sorted(set(self.finished) | set(self.running.values()))
-        for sequence in waiting:
-            if sequence not in self.finished:
+        first_running = min(self.running, default=None)
+        for sequence in sorted(self.finished):
+            if first_running is not None and sequence > first_running:
                 break
             released.append(self.finished.pop(sequence))
         return released
+
+    def cancel(self) -> None:
+        for future in self.running.values():
+            future.cancel()
