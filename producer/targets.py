@@ -8,17 +8,19 @@ on the way back; dataclasses, pydantic models and TypedDicts travel as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
+from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 from pydantic.errors import PydanticInvalidForJsonSchema, PydanticUserError
+from typing_extensions import is_typeddict
 
 from .errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
 
@@ -94,6 +96,7 @@ def _build_target(python_type: Any) -> Target:
         ) from exc
     if description:
         schema["description"] = description
+    _describe_fields(base, schema)
     if _is_object_with_properties(schema):
         return Target(json_schema=schema, adapter=adapter)
     return Target(json_schema=_wrap(schema), wrapped=True, adapter=adapter)
@@ -160,6 +163,41 @@ def _split_annotated(python_type: Any) -> tuple[Any, str | None]:
     if others:
         base = Annotated[(base, *others)]
     return base, " ".join(texts) or None
+
+
+def _describe_fields(python_type: Any, schema: dict[str, Any]) -> None:
+    """Copy ``Annotated[T, "text"]`` field descriptions of dataclasses, TypedDicts and
+    pydantic models into the schema: pydantic ignores plain-string metadata."""
+    for cls in _classes_in(python_type, set()):
+        properties = _properties_of(schema, cls)
+        for name, hint in get_type_hints(cls, include_extras=True).items():
+            text = _split_annotated(hint)[1]
+            if text and name in properties:
+                properties[name].setdefault("description", text)
+
+
+def _classes_in(python_type: Any, seen: set[Any]) -> Iterator[type]:
+    """Every dataclass, TypedDict and pydantic model reachable from ``python_type``."""
+    if isinstance(python_type, type) and _has_fields(python_type):
+        if python_type in seen:
+            return
+        seen.add(python_type)
+        yield python_type
+        for hint in get_type_hints(python_type, include_extras=True).values():
+            yield from _classes_in(hint, seen)
+    for argument in get_args(python_type):
+        yield from _classes_in(argument, seen)
+
+
+def _has_fields(cls: type) -> bool:
+    return dataclasses.is_dataclass(cls) or is_typeddict(cls) or issubclass(cls, BaseModel)
+
+
+def _properties_of(schema: dict[str, Any], cls: type) -> dict[str, Any]:
+    node = schema.get("$defs", {}).get(cls.__name__)
+    if node is None and schema.get("title") == cls.__name__:
+        node = schema
+    return dict[str, Any]() if node is None else node.get("properties", {})
 
 
 def _is_object_with_properties(schema: dict[str, Any]) -> bool:
