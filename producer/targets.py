@@ -9,6 +9,7 @@ on the way back; dataclasses, pydantic models and TypedDicts travel as they are.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ def _cached_target(python_type: Any) -> Target:
 
 
 def _build_target(python_type: Any) -> Target:
+    if inspect.isroutine(python_type):  # pydantic would validate a function's arguments
+        raise UnsupportedTargetError(f"cannot use the function {python_type!r} as an output type")
     base, description = _split_annotated(python_type)
     try:
         adapter: TypeAdapter[Any] = TypeAdapter(python_type)

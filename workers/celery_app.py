@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        result_backend_always_retry=True,
+        result_backend_max_sleep_between_retries_ms=1000,
     )
     app.task(name=TASK_NAME, bind=True)(run_job)
     _attach_heartbeat(app, settings)
