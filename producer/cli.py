@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     queue = commands.add_parser("queue", help="print the queue MODEL's jobs go to")
     queue.add_argument("model")
 
+    up = commands.add_parser(
+        "up", help="run a private Redis and workers for MODELs in the foreground, until Ctrl-C"
+    )
+    up.add_argument("models", nargs="*", metavar="MODEL", help="e.g. fake llamacpp:smollm2")
+
     _add_label_parser(commands)
 
     commands.add_parser(
@@ -122,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "label":
             return _run_label(args)
+        if args.command == "up":
+            from .embedded import run_up
+
+            return run_up(args.models)
         if args.command == "queue":
             print(parse_model_ref(args.model).queue)
             return 0

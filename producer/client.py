@@ -15,7 +15,7 @@ import uuid
 import weakref
 from functools import cached_property
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -23,10 +23,14 @@ from kombu.exceptions import OperationalError
 
 from .constants import TASK_NAME, claim_key, result_key, workers_key
 from .contract import JobSpec
-from .errors import BrokerUnavailableError
+from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
+from .modelref import ModelRef
 from .settings import Settings, get_settings
 from .waiting import UNREACHABLE
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedCluster
 
 #: A heartbeat older than this (in heartbeat intervals) means the worker is gone.
 HEARTBEAT_GRACE = 5
@@ -36,9 +40,37 @@ class Client:
     """Sends jobs and reads their results. One per process is plenty; it is thread-safe."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or get_settings()
+        self._configured = settings or get_settings()
+        self._cluster: EmbeddedCluster | None = None
+        self._served_queues: set[str] = set()
         self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultListener]
         self._listeners = weakref.WeakKeyDictionary()
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The settings in force. With no broker configured, this starts the embedded
+        cluster (a private Redis, and workers on demand) on first use."""
+        if self._configured.broker_url is not None:
+            return self._configured
+        from .embedded import default_cluster
+
+        self._cluster = default_cluster()
+        update = {"broker_url": self._cluster.url, "result_backend": None}
+        return self._configured.model_copy(update=update)
+
+    def ensure_worker(self, model: ModelRef, queue: str) -> None:
+        """On the embedded cluster, start a worker for ``model`` if none serves it yet."""
+        if queue in self._served_queues:
+            return
+        self.settings  # noqa: B018 - resolving the settings starts the cluster if there is one
+        if self._cluster is not None:
+            if queue != model.queue:
+                raise ConfigurationError(
+                    f"the embedded cluster serves each model on its own queue, not {queue!r}: "
+                    "set SIBYLQ_BROKER_URL to route queues yourself"
+                )
+            self._cluster.ensure_worker(str(model))
+        self._served_queues.add(queue)
 
     @cached_property
     def celery(self) -> Celery:

@@ -16,6 +16,7 @@ Redis keys:
 ``sibylq:workers:<queue>``        sorted set: worker hostname -> last heartbeat (unix s)
 ``sibylq:worker:<hostname>``      JSON description of a live worker (expires)
 ``sibylq:claimed:<job id>``       set once a job id is enqueued (expires with results)
+``sibylq:attempts:<job id>``      how many times a worker began the job (expires with results)
 ================================  =============================================
 """
 
@@ -59,3 +60,8 @@ def worker_info_key(hostname: str) -> str:
 def claim_key(job_id: str) -> str:
     """Set (NX) when a job id is first enqueued, so a re-run never enqueues it twice."""
     return f"sibylq:claimed:{job_id}"
+
+
+def attempts_key(job_id: str) -> str:
+    """Counts the deliveries of a job that reached a worker process (see workers.task)."""
+    return f"sibylq:attempts:{job_id}"

@@ -84,6 +84,7 @@ class Model:
             json_schema=target.json_schema,
             genconf=merge_genconf(self.genconf, genconf),
         )
+        self.client.ensure_worker(self.ref, self.queue)
         if once and job_id is not None:
             self.client.submit_once(spec, self.queue, job_id)
         else:

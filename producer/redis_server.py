@@ -55,9 +55,13 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = [
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def command(self) -> list[str]:
+        """The ``redis-server`` command line."""
+        return [
             find_redis_server(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
@@ -66,9 +70,16 @@ class RedisServer:
             "--appendonly", "yes" if self.appendonly else "no",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._process = self._popen(self.command())
         self._wait_ready(timeout_s)
         return self
+
+    def _popen(self, command: list[str]) -> subprocess.Popen[bytes]:
+        """Start the process (``producer.embedded`` starts it its own way)."""
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
     def _wait_ready(self, timeout_s: float) -> None:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)

@@ -8,13 +8,18 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .errors import ConfigurationError
+
 
 class Settings(BaseSettings):
     """Configuration shared by producers and workers. See the README's table."""
 
     model_config = SettingsConfigDict(env_prefix="SIBYLQ_", frozen=True)
 
-    broker_url: str = "redis://localhost:6379/0"
+    broker_url: str | None = Field(
+        default=None,
+        description="Redis URL of the queues; unset: producers start an embedded cluster.",
+    )
     result_backend: str | None = Field(
         default=None, description="Redis URL for results; defaults to broker_url."
     )
@@ -31,6 +36,12 @@ class Settings(BaseSettings):
     job_time_limit_s: float = Field(default=600.0, gt=0)
     visibility_timeout_s: int = Field(default=900, gt=0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="A job whose worker process died this many times fails with BackendError "
+        "instead of running again.",
+    )
     models_dir: Path | None = None
     worker_model: str | None = Field(
         default=None, description="Set by `sibylq worker MODEL`: the model this worker serves."
@@ -55,7 +66,17 @@ class Settings(BaseSettings):
 
     @property
     def result_url(self) -> str:
-        return self.result_backend or self.broker_url
+        return self.result_backend or self.broker
+
+    @property
+    def broker(self) -> str:
+        """The broker URL, which a worker must be given."""
+        if self.broker_url is None:
+            raise ConfigurationError(
+                "SIBYLQ_BROKER_URL is not set: point it at your Redis (e.g. "
+                "redis://localhost:6379/0), or run `sibylq up MODEL` and use the URL it prints"
+            )
+        return self.broker_url
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,270 @@
+"""Jobs are never lost and never silently run twice when processes, workers or Redis die.
+
+Every test gets its own redis-server (AOF on) and its own worker subprocesses on a private
+queue, so its visibility timeouts and kills reach nothing else. "Executions" are counted from
+the workers' logs: Celery logs ``Task sibylq.run_job[<id>] succeeded`` once per run that
+finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+from producer import BackendError, Client, Job, Models, Settings
+from producer.constants import TASK_NAME, attempts_key, queue_name, result_key
+from producer.redis_server import RedisServer
+from tests.conftest import Worker
+
+T = TypeVar("T")
+
+QUEUE = queue_name("fake", "resilience")
+HEARTBEAT_S = 0.5
+#: Kill tests use the default visibility timeout (900 s): a re-run within seconds cannot be
+#: kombu's visibility sweep. The lost-worker test sets these two small instead.
+LOST_WORKER_ENV = {"SIBYLQ_VISIBILITY_TIMEOUT_S": "8", "SIBYLQ_JOB_TIME_LIMIT_S": "5"}
+VISIBILITY_S = 8
+SWEEP_S = 1  # workers.celery_app.broker_transport_options: max(1, min(10, 8 // 10))
+SWEEP_LOCK_S = 3 * SWEEP_S + 5
+POOL_CHECK_S = 5  # celery.concurrency.asynpool.AsynPool.timers: maintain_pool every 5 s
+
+
+class Fleet:
+    """The test's worker subprocesses, their logs, and a Redis client to inspect state."""
+
+    def __init__(self, server: RedisServer, logs: Path) -> None:
+        self.server = server
+        self.logs = logs
+        self.workers: list[Worker] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Worker:
+        environment = {
+            **os.environ,
+            "SIBYLQ_BROKER_URL": self.server.url,
+            "SIBYLQ_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        log_path = self.logs / f"worker-{len(self.workers)}.log"
+        worker = Worker(["fake", "-Q", QUEUE, *args], environment, log_path)
+        self.workers.append(worker)
+        return worker.wait_ready(self.server.url, QUEUE)
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.server.url, socket_connect_timeout=2)
+
+    def logs_text(self) -> str:
+        return "\n".join(worker.log() for worker in self.workers)
+
+    def executions(self, job_id: str) -> int:
+        return len(re.findall(re.escape(f"Task {TASK_NAME}[{job_id}] succeeded"), self.logs_text()))
+
+    def attempts(self, job_id: str) -> int:
+        with self.redis() as client:
+            return int(client.get(attempts_key(job_id)) or 0)
+
+    def meta(self, job_id: str) -> dict[str, Any] | None:
+        with self.redis() as client:
+            raw = client.get(result_key(job_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    def started(self, job_id: str, *, not_pids: frozenset[int] = frozenset()) -> Any:
+        """The STARTED meta's ``{"pid", "hostname"}`` once a run (not by ``not_pids``) began."""
+        meta = self.meta(job_id)
+        if meta is None or meta["status"] != "STARTED" or meta["result"]["pid"] in not_pids:
+            return None
+        return meta["result"]
+
+    def wait_for(self, what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = probe()
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{self.logs_text()[-6000:]}")
+            time.sleep(0.02)
+
+    def settle(self) -> None:
+        """Wait until every job is acknowledged and none is queued: nothing can run again,
+        and each run's log lines are written (a run logs before its message is acked)."""
+        with self.redis() as client:
+            self.wait_for(
+                "every job to be acknowledged",
+                lambda: client.hlen("unacked") == 0 and client.llen(QUEUE) == 0,
+                30,
+            )
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis", appendonly=True) as started:
+        yield started
+
+
+@pytest.fixture
+def fleet(server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(server, tmp_path)
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture
+def producer(server: RedisServer) -> Iterator[Client]:
+    client = Client(
+        Settings(
+            broker_url=server.url,
+            heartbeat_interval_s=HEARTBEAT_S,
+            no_worker_timeout_s=30.0,
+            broker_timeout_s=60.0,
+        )
+    )
+    yield client
+    client.close()
+
+
+def fake(client: Client, delay_s: float) -> Any:
+    return Models.create(f"fake:delay={delay_s}", client=client, queue=QUEUE)
+
+
+def test_a_job_whose_pool_process_dies_runs_again_at_once(fleet: Fleet, producer: Client) -> None:
+    worker = fleet.start("-P", "prefork", "-c", "2")
+    job: Job[str] = fake(producer, 2).call_async("the OOM killer strikes")
+    first = fleet.wait_for("the job to start", lambda: fleet.started(job.id), 20)
+    assert first["pid"] != worker.process.pid  # a prefork child, not the worker itself
+
+    os.kill(first["pid"], signal.SIGKILL)
+    killed_at = time.time()
+
+    assert job.result(timeout=30) == "fake output"
+    rerun = job.envelope(timeout=5).timings.started_at.timestamp()
+    # Requeued by task_reject_on_worker_lost (not the 900 s visibility timeout) as soon as
+    # the pool notices the death: at once, or at its next 5 s check when the exit races
+    # the process sentinel (celery#9588).
+    assert killed_at < rerun < killed_at + POOL_CHECK_S + 2
+    fleet.settle()
+    assert fleet.executions(job.id) == 1
+    assert fleet.attempts(job.id) == 2
+    assert "exited with 'signal 9 (SIGKILL)'" in worker.log()
+    assert worker.process.poll() is None
+
+
+def test_a_lost_workers_job_runs_on_a_live_one_after_the_visibility_timeout(
+    fleet: Fleet, producer: Client
+) -> None:
+    doomed = fleet.start("-P", "prefork", "-c", "1", env=LOST_WORKER_ENV)
+    job: Job[str] = fake(producer, 2).call_async("the machine is lost")
+    first = fleet.wait_for("the job to start", lambda: fleet.started(job.id), 20)
+    assert f"-{doomed.process.pid}@" in first["hostname"]
+    with fleet.redis() as client:
+        [(_, delivered_at)] = client.zrange("unacked_index", 0, -1, withscores=True)
+    survivor = fleet.start("-P", "prefork", "-c", "1", env=LOST_WORKER_ENV)
+
+    os.killpg(doomed.process.pid, signal.SIGKILL)  # the worker and its pool, all at once
+    doomed.process.wait(timeout=10)
+
+    assert job.result(timeout=VISIBILITY_S + SWEEP_S + SWEEP_LOCK_S + 15) == "fake output"
+    envelope = job.envelope(timeout=5)
+    assert f"-{survivor.process.pid}@" in envelope.worker
+    waited = envelope.timings.started_at.timestamp() - delivered_at
+    # Not before the visibility timeout (a live worker's job would run twice), and soon
+    # after it: kombu sweeps every SWEEP_S, or after a dead sweeper's lock expires.
+    assert VISIBILITY_S <= waited < VISIBILITY_S + SWEEP_S + SWEEP_LOCK_S + 2
+    fleet.settle()
+    assert fleet.executions(job.id) == 1
+    assert fleet.attempts(job.id) == 2
+
+
+def test_a_redis_restart_loses_and_repeats_nothing(
+    fleet: Fleet, producer: Client, server: RedisServer
+) -> None:
+    for _ in range(2):
+        fleet.start("-P", "prefork", "-c", "2")
+    model = fake(producer, 1.5)
+    before: list[Job[str]] = [model.call_async(f"before {i}") for i in range(8)]
+    fleet.wait_for(
+        "every pool process to be busy",
+        lambda: sum(fleet.started(job.id) is not None for job in before) >= 4,
+        20,
+    )
+
+    server.stop()
+    # The running jobs finish while Redis is down: their results must wait for it, not be lost.
+    fleet.wait_for(
+        "a result store to wait for Redis",
+        lambda: "Failed operation _store_result" in fleet.logs_text(),
+        20,
+    )
+    server.start()
+
+    after: list[Job[str]] = [model.call_async(f"after {i}") for i in range(4)]
+    jobs = before + after
+    assert [job.result(timeout=90) for job in jobs] == ["fake output"] * len(jobs)
+    fleet.settle()
+    # Nothing is left to redeliver, and each job ran to completion exactly once.
+    assert {job.id: fleet.executions(job.id) for job in jobs} == {job.id: 1 for job in jobs}
+    assert "Exception raised outside body" not in fleet.logs_text()
+
+
+def test_a_job_redelivered_after_it_finished_is_not_run_again(
+    fleet: Fleet, producer: Client
+) -> None:
+    fleet.start("-P", "prefork", "-c", "1")
+    job: Job[str] = fake(producer, 2).call_async("a network blip")
+    fleet.wait_for("the job to start", lambda: fleet.started(job.id), 20)
+    # Cut the worker's connections while Redis stays up: kombu's Redis transport requeues
+    # the unacked messages of the channel it closes, so the running job is delivered again.
+    with fleet.redis() as client:
+        spared = {"sibylq-producer", "sibylq-listener"}
+        ours = client.client_id()
+        for conn in client.client_list():
+            if conn["id"] != ours and conn.get("name") not in spared:
+                client.client_kill_filter(_id=conn["id"])
+
+    assert job.result(timeout=30) == "fake output"
+    fleet.wait_for(
+        "the second delivery to be dropped",
+        lambda: f"job {job.id} already finished (SUCCESS)" in fleet.logs_text(),
+        30,
+    )
+    fleet.settle()
+    assert fleet.executions(job.id) == 1
+    assert fleet.attempts(job.id) == 2
+
+
+def test_a_job_that_kills_its_process_every_time_fails_typed(
+    fleet: Fleet, producer: Client
+) -> None:
+    worker = fleet.start("-P", "prefork", "-c", "2")  # SIBYLQ_MAX_DELIVERIES: default 3
+    job: Job[str] = fake(producer, 30).call_async("SIGILL in a native library")
+    killed: set[int] = set()
+    for delivery in (1, 2, 3):
+        run = fleet.wait_for(
+            f"delivery {delivery} to start",
+            lambda: fleet.started(job.id, not_pids=frozenset(killed)),
+            20,
+        )
+        assert fleet.attempts(job.id) == delivery
+        os.kill(run["pid"], signal.SIGKILL)
+        killed.add(run["pid"])
+
+    with pytest.raises(BackendError, match=f"job {job.id} was delivered 3 times"):
+        job.result(timeout=30)
+    fleet.settle()
+    assert fleet.attempts(job.id) == 4
+    assert fleet.executions(job.id) == 0
+    assert worker.process.poll() is None
+    assert fake(producer, 0).call("and the next job") == "fake output"
