@@ -138,7 +138,7 @@ class Job(Generic[T]):
             timeout_s=settings.result_timeout_s if timeout is None else timeout,
             no_worker_timeout_s=settings.no_worker_timeout_s if self.queue else 0.0,
             broker_timeout_s=settings.broker_timeout_s,
-            check_every_s=settings.heartbeat_interval_s,
+            check_every_s=max(2.0, 2 * settings.heartbeat_interval_s),
         )
         return wait_flow(plan)
 

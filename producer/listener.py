@@ -55,7 +55,7 @@ class ResultListener:
         self._presence_asks: dict[str, asyncio.Future[Any]] = {}
         self._presence_ttl_s = presence_ttl_s
         self._heartbeat_grace_s = heartbeat_grace_s
-        self.connected = asyncio.Event()
+        self.broken = False  # the last session ended in an error, and none has started since
 
     # -- what handles call -------------------------------------------------------------
 
@@ -96,7 +96,7 @@ class ResultListener:
         done, _ = await asyncio.wait({future}, timeout=seconds)
         if done:
             return future.result()
-        return None if self.connected.is_set() else UNREACHABLE
+        return UNREACHABLE if self.broken else None
 
     @property
     def pending(self) -> int:
@@ -125,7 +125,7 @@ class ResultListener:
                 await self._session()
                 failures = 0
             except (RedisError, OSError) as exc:
-                self.connected.clear()
+                self.broken = True
                 delay = _RETRY_DELAYS_S[min(failures, len(_RETRY_DELAYS_S) - 1)]
                 failures += 1
                 log.warning("result listener lost Redis (%s); reconnecting in %.2fs", exc, delay)
@@ -139,7 +139,7 @@ class ResultListener:
         try:
             while self._waiters:
                 await self._sync_subscriptions(pubsub)
-                self.connected.set()
+                self.broken = False
                 if reader is None and pubsub.subscribed:
                     reader = asyncio.create_task(self._read(pubsub))
                 await self._next_change(reader)
