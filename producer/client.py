@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from .constants import TASK_NAME, claim_key, result_key, workers_key
+from .constants import TASK_NAME, attempts_key, claim_key, result_key, workers_key
 from .contract import JobSpec
 from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
@@ -137,6 +137,12 @@ class Client:
             raise
         return True
 
+    def forget(self, job_ids: list[str]) -> None:
+        """Delete finished jobs' results and bookkeeping (once they are stored elsewhere)."""
+        keys = [key for job_id in job_ids for key in _job_keys(job_id)]
+        if keys:
+            self.redis.delete(*keys)
+
     def read_result(self, job_id: str) -> bytes | None:
         raw = self.redis.get(result_key(job_id))
         return raw.encode() if isinstance(raw, str) else raw
@@ -180,6 +186,10 @@ class Client:
             self.redis.close()
         if "celery" in self.__dict__:
             self.celery.close()
+
+
+def _job_keys(job_id: str) -> tuple[str, ...]:
+    return (result_key(job_id), claim_key(job_id), attempts_key(job_id))
 
 
 class Subscription:

@@ -15,7 +15,7 @@ from .task import run_job
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("sibylq", broker=settings.broker_url, backend=settings.result_url)
+    app = Celery("sibylq", broker=settings.broker, backend=settings.result_url)
     app.conf.update(
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",
@@ -27,20 +27,65 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_track_started=True,
         task_soft_time_limit=settings.job_time_limit_s,
-        task_time_limit=settings.job_time_limit_s + 30,
-        # Redis redelivers an unacked job after the visibility timeout, live worker or not:
-        # it must outlast the longest job (Settings checks it does).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_time_limit=hard_time_limit_s(settings),
+        broker_transport_options=broker_transport_options(settings),
+        # Workers outlive any Redis outage: retry connecting forever (Celery's default gives
+        # up, and exits, after 100 attempts).
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # Jobs keep running through a lost broker connection (Redis restart): they finish,
+        # store their result and ack once Redis is back; cancelling them would throw the work
+        # away and, with the Redis transport, leave them unacked for the visibility timeout.
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Storing a result must survive Redis being down. Without this, the store's first
+        # step (a GET of the current state, in KeyValueStoreBackend._store_result, which
+        # result_backend_transport_options' retry_policy does not cover: it only wraps SET)
+        # raises ConnectionError at once: Celery logs "Exception raised outside body", acks
+        # the message all the same, and the result is lost (the job stays STARTED, or turns
+        # into a ConnectionError failure). With it, the pool process retries the whole store
+        # until Redis answers (RedisBackend.exception_safe_to_retry: its connection errors,
+        # BusyLoadingError included), at most 1 s apart.
         result_backend_always_retry=True,
+        result_backend_max_retries=float("inf"),
         result_backend_max_sleep_between_retries_ms=1000,
     )
-    app.task(name=TASK_NAME, bind=True)(run_job)
+    # STARTED is stored by the task itself, after its delivery check (workers.task).
+    app.task(name=TASK_NAME, bind=True, track_started=False)(run_job)
     _attach_heartbeat(app, settings)
     return app
+
+
+def hard_time_limit_s(settings: Settings) -> float:
+    """When a job's process is killed: 30 s after its soft limit (time to wind down, and for
+    native code that ignores the soft limit's exception), but always before its message
+    outlives the visibility timeout, which would hand it to a second worker while it runs."""
+    grace_s = min(30.0, (settings.visibility_timeout_s - settings.job_time_limit_s) / 2)
+    return settings.job_time_limit_s + grace_s
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu Redis transport options: the visibility timeout, and how soon a live worker
+    requeues the jobs of a worker that vanished.
+
+    Redis redelivers an unacked job after the visibility timeout, live worker or not: it must
+    outlast the longest job (Settings checks it does). kombu requeues expired jobs only in a
+    periodic sweep (``QoS.restore_visible``) that by default runs every 10 s but scans Redis
+    only on every 10th run: ~100 s late, whatever the timeout. Scan every run, and run at
+    most a tenth of the timeout apart (1..10 s), so a lost worker's jobs run again within
+    about ``visibility_timeout_s`` + 10 s.
+    """
+    timeout = settings.visibility_timeout_s
+    sweep_s = max(1, min(10, timeout // 10))
+    return {
+        "visibility_timeout": timeout,
+        "unacked_restore_interval": sweep_s,
+        "unacked_restore_throttle": 1,
+        # A sweep holds a Redis lock (default expiry 300 s): a worker killed while holding it
+        # would stall every other worker's sweeps that long. Sweeps take milliseconds, and
+        # two at once are safe (each requeue is a WATCH/MULTI transaction).
+        "unacked_mutex_expire": 3 * sweep_s + 5,
+    }
 
 
 def _attach_heartbeat(app: Celery, settings: Settings) -> None:

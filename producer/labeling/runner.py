@@ -8,12 +8,14 @@ same bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import to_jsonable_python
+from redis.exceptions import RedisError
 
 from ..contract import GenConf, JobKind
 from ..errors import InvalidRequestError, JobFailedError
@@ -67,6 +69,7 @@ async def label_rows(
     previous = previous or Previous()
     fingerprint = task.fingerprint
     window = _Window(ordered)
+    written = _Forgetter(task.model)
     try:
         for sequence, row in enumerate(rows):
             if key_text(row.key) in previous.done:
@@ -75,13 +78,37 @@ async def label_rows(
             while window.size >= max_in_flight:
                 for result in await window.next_results():
                     yield result
+                    written.add(result)
             attempt = previous.failed.get(key_text(row.key), 0) + 1
             window.add(sequence, _start(task, row, fingerprint, attempt))
         while window.size:
             for result in await window.next_results():
                 yield result
+                written.add(result)
     finally:
         window.cancel()  # on Ctrl-C: stop waiting; the jobs themselves finish on the workers
+        written.flush()
+
+
+class _Forgetter:
+    """Once the consumer has taken a row's result (the generator resumed after yielding it),
+    its Redis keys go: Redis then holds only the rows in flight, whatever the input size."""
+
+    def __init__(self, model: Model, batch: int = 256) -> None:
+        self._model = model
+        self._batch = batch
+        self._job_ids: list[str] = []
+
+    def add(self, result: LabelResult) -> None:
+        if result.job_id is not None:
+            self._job_ids.append(result.job_id)
+        if len(self._job_ids) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        job_ids, self._job_ids = self._job_ids, []
+        with contextlib.suppress(RedisError):  # they expire anyway
+            self._model.client.forget(job_ids)
 
 
 def _start(
