@@ -62,6 +62,15 @@ class Worker:
         self._log.close()
 
 
+def connection_ids(url: str, *names: str) -> list[int]:
+    """Ids of the Redis connections whose client name is one of ``names``."""
+    admin = redis.Redis.from_url(url)
+    try:
+        return [int(conn["id"]) for conn in admin.client_list() if conn.get("name") in names]
+    finally:
+        admin.close()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:

@@ -14,22 +14,16 @@ import redis
 
 from producer import Client, Models
 from producer.redis_server import RedisServer
-from tests.conftest import Worker
+from tests.conftest import Worker, connection_ids
 
 
 def _cut_producer_connections(url: str) -> int:
+    ours = connection_ids(url, "sibylq-listener", "sibylq-producer")
     admin = redis.Redis.from_url(url)
-    try:
-        ours = [
-            conn["id"]
-            for conn in admin.client_list()
-            if conn.get("name") in ("sibylq-listener", "sibylq-producer")
-        ]
-        for conn_id in ours:
-            admin.client_kill_filter(_id=conn_id)
-        return len(ours)
-    finally:
-        admin.close()
+    for conn_id in ours:
+        admin.client_kill_filter(_id=conn_id)
+    admin.close()
+    return len(ours)
 
 
 async def test_awaited_handles_survive_lost_connections(

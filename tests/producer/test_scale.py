@@ -6,21 +6,11 @@ import asyncio
 import threading
 from typing import Any
 
-import redis
-
 from producer import Client, Models
 from producer.redis_server import RedisServer
-from tests.conftest import Worker
+from tests.conftest import Worker, connection_ids
 
 N_JOBS = 10_000
-
-
-def _listener_connections(url: str) -> int:
-    admin = redis.Redis.from_url(url)
-    try:
-        return sum(1 for conn in admin.client_list() if conn.get("name") == "sibylq-listener")
-    finally:
-        admin.close()
 
 
 async def test_ten_thousand_handles_awaited_together(
@@ -34,7 +24,7 @@ async def test_ten_thousand_handles_awaited_together(
 
     assert not gathering.done()
     assert (
-        _listener_connections(redis_server.url) <= 3
+        len(connection_ids(redis_server.url, "sibylq-listener")) <= 3
     )  # one pub/sub connection, at most two for commands
     assert threading.active_count() == threads_before
 
