@@ -16,7 +16,7 @@ from .contract import Envelope
 from .errors import JobFailedError
 from .modelref import parse_model_ref
 from .outcome import envelope_from_meta
-from .targets import Target
+from .targets import Target, target_for
 from .waiting import UNREACHABLE, CheckWorkers, Wait, WaitFlow, WaitPlan, wait_flow
 
 T = TypeVar("T")
@@ -57,8 +57,6 @@ class Job(Generic[T]):
     ) -> Job[Any]:
         """Re-attach to a job from any process. Without ``target`` the result is its JSON
         value; with ``model`` (or ``queue``) a wait also notices when no worker serves it."""
-        from .targets import target_for
-
         if queue is None and model is not None:
             queue = parse_model_ref(model).queue
         return Job(

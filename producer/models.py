@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from .client import Client
 from .contract import GenConf, JobKind, JobSpec
-from .errors import InvalidRequestError, UnsupportedTargetError
+from .errors import ConfigurationError, InvalidRequestError, UnsupportedTargetError
 from .job import Job
 from .messages import Query, build_messages
 from .modelref import ModelRef, parse_model_ref
@@ -159,8 +159,6 @@ def merge_genconf(base: GenConf, override: GenConfLike) -> GenConf:
 
 
 def _check_fake_options(ref: ModelRef) -> None:
-    from .errors import ConfigurationError
-
     unknown = set(ref.options) - {"delay"}
     if unknown:
         raise ConfigurationError(f"unknown fake option(s) {sorted(unknown)}; fake takes delay=<s>")
