@@ -268,3 +268,42 @@ def test_a_job_that_kills_its_process_every_time_fails_typed(
     assert fleet.executions(job.id) == 0
     assert worker.process.poll() is None
     assert fake(producer, 0).call("and the next job") == "fake output"
+
+
+def _pool_children(worker: Worker) -> list[int]:
+    path = Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children")
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+async def test_a_labeling_run_survives_killed_processes_and_workers(
+    fleet: Fleet, producer: Client, tmp_path: Path
+) -> None:
+    import asyncio
+    from collections import Counter
+
+    from producer.labeling import label_file, make_task
+    from producer.labeling.progress import NoProgress
+
+    survivor = fleet.start("-P", "prefork", "-c", "2", env=LOST_WORKER_ENV)
+    doomed = fleet.start("-P", "prefork", "-c", "2", env=LOST_WORKER_ENV)
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "text": f"sms {i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    task = make_task(fake(producer, 0.3), prompt="{text}", classify=["spam", "ham"])
+    run = asyncio.ensure_future(label_file(task, rows, out, progress=NoProgress(), max_in_flight=8))
+
+    def written() -> int:
+        return len(out.read_text().splitlines()) if out.exists() else 0
+
+    while written() < 6:
+        await asyncio.sleep(0.05)
+    os.kill(_pool_children(survivor)[0], signal.SIGKILL)  # a process dies mid-job
+    while written() < 14:
+        await asyncio.sleep(0.05)
+    os.killpg(doomed.process.pid, signal.SIGKILL)  # a whole machine is lost
+
+    summary = await asyncio.wait_for(run, timeout=120)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert Counter(r["key"] for r in records) == Counter(range(40))
+    assert {r["status"] for r in records} == {"done"}
+    assert (summary.done, summary.failed) == (40, 0)
