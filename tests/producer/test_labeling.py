@@ -205,3 +205,19 @@ class TestPythonApi:
             sampler.join()
             admin.close()
         assert max(seen) <= 5
+
+
+def test_the_readme_example_labels_sms_with_the_bundled_model(
+    worker_env: dict[str, str], llama_worker: Worker, tmp_path: Path
+) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "sms_spam_sample.jsonl"
+    source = tmp_path / "sample.jsonl"
+    source.write_text("".join(example.read_text().splitlines(keepends=True)[:4]))
+    out = tmp_path / "labels.jsonl"
+    result = _label(worker_env, str(source), "--model", "llamacpp:smollm2",
+                    "--classify", "spam,ham", "--prompt", PROMPT, "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = _records(out)
+    assert sorted(r["key"] for r in records) == [1, 2, 3, 4]
+    assert all(r["status"] == "done" and r["result"] in ("spam", "ham") for r in records)
+    assert all(r["completion_tokens"] > 0 for r in records)
