@@ -121,20 +121,19 @@ class Client:
         return job_id
 
     def submit_once(self, spec: JobSpec, queue: str, job_id: str) -> bool:
-        """Enqueue unless this job id was enqueued before; True if it was enqueued now."""
+        """Enqueue unless this job id was enqueued before; True if it was enqueued now.
+
+        The claim is recorded after the enqueue: a crash between the two can enqueue a job
+        twice (the second delivery finds the stored result and is dropped), never lose one.
+        """
         key = claim_key(job_id)
         try:
-            claimed = self.redis.set(key, "1", nx=True, ex=self.settings.result_expires_s)
+            if self.redis.exists(key):
+                return False
+            self.submit(spec, queue, job_id)
+            self.redis.set(key, "1", ex=self.settings.result_expires_s)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"cannot reach Redis to enqueue {job_id}: {exc}") from exc
-        if not claimed:
-            return False
-        try:
-            self.submit(spec, queue, job_id)
-        except BrokerUnavailableError:
-            with contextlib.suppress(redis.RedisError):
-                self.redis.delete(key)
-            raise
         return True
 
     def forget(self, job_ids: list[str]) -> None:
