@@ -15,6 +15,7 @@ from .contract import GenConf
 from .errors import InvalidRequestError, SibylqError
 from .modelref import parse_model_ref
 from .redis_server import find_redis_server
+from .status import add_status_parser, run_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("models", nargs="*", metavar="MODEL", help="e.g. fake llamacpp:smollm2")
 
     _add_label_parser(commands)
+    add_status_parser(commands)
 
     commands.add_parser(
         "redis-server",
@@ -131,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .embedded import run_up
 
             return run_up(args.models)
+        if args.command == "status":
+            return run_status(args)
         if args.command == "queue":
             print(parse_model_ref(args.model).queue)
             return 0

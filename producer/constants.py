@@ -17,7 +17,14 @@ Redis keys:
 ``sibylq:worker:<hostname>``      JSON description of a live worker (expires)
 ``sibylq:claimed:<job id>``       set once a job id is enqueued (expires with results)
 ``sibylq:attempts:<job id>``      how many times a worker began the job (expires with results)
+``sibylq:queues``                 sorted set: queue -> last heartbeat of a worker on it (unix s)
+``sibylq:failures:<queue>:<min>`` jobs that failed on ``queue`` in that minute (unix s // 60;
+                                  expires after ``FAILURES_RETENTION_S``)
 ================================  =============================================
+
+kombu's Redis transport keeps a queue's waiting messages in the list ``<queue>`` (pushed on
+the left, popped from the right: the oldest is at the tail), and messages sent with a
+priority in ``<queue>\x06\x16<step>`` (``queue_list_keys``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,16 @@ TASK_NAME = "sibylq.run_job"
 RESULT_KEY_PREFIX = "celery-task-meta-"
 WORKERS_BY_QUEUE_PREFIX = "sibylq:workers:"
 WORKER_INFO_PREFIX = "sibylq:worker:"
+QUEUES_KEY = "sibylq:queues"
+FAILURES_PREFIX = "sibylq:failures:"
+#: How long per-minute failure counts are kept (``sibylq status`` sums at most this far back).
+FAILURES_RETENTION_S = 25 * 3600
+#: How long a queue nobody served stays in ``QUEUES_KEY``.
+QUEUES_RETENTION_S = 24 * 3600
+
+#: kombu's Redis transport: a queue's list for priority step ``n`` > 0 is ``<queue><SEP><n>``.
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -65,3 +82,15 @@ def claim_key(job_id: str) -> str:
 def attempts_key(job_id: str) -> str:
     """Counts the deliveries of a job that reached a worker process (see workers.task)."""
     return f"sibylq:attempts:{job_id}"
+
+
+def failures_key(queue: str, minute: int) -> str:
+    """Failures on ``queue`` during ``minute`` (unix time // 60)."""
+    return f"{FAILURES_PREFIX}{queue}:{minute}"
+
+
+def queue_list_keys(queue: str) -> tuple[str, ...]:
+    """The Redis lists holding ``queue``'s waiting messages, highest priority first."""
+    return tuple(
+        f"{queue}{KOMBU_PRIORITY_SEP}{step}" if step else queue for step in KOMBU_PRIORITY_STEPS
+    )

@@ -52,6 +52,19 @@ class Settings(BaseSettings):
     openai_concurrency: int = Field(default=64, gt=0)
     openai_timeout_s: float = Field(default=120.0, gt=0)
     openai_max_retries: int = Field(default=2, ge=0)
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port of each worker; 0 picks a free "
+        "port (logged, and in the worker's heartbeat); unset: no metrics.",
+    )
+    metrics_addr: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+    worker_events: bool = Field(
+        default=False,
+        description="Workers send Celery task events (what `celery worker -E` does), for "
+        "Flower and `celery events`: about 1.5 more Redis PUBLISHes per job.",
+    )
 
     @model_validator(mode="after")
     def _visibility_outlasts_jobs(self) -> Settings:

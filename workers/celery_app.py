@@ -1,15 +1,18 @@
-"""The workers' Celery app: JSON only, late acks, one prefetched job, heartbeats."""
+"""The workers' Celery app: JSON only, late acks, one prefetched job, heartbeats, metrics."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery, signals
+from celery.worker import state as worker_state
 
 from producer.constants import TASK_NAME
 from producer.settings import Settings, get_settings
 
 from .heartbeat import Heartbeat
+from .metrics import WorkerMetrics, process_exited
 from .task import run_job
 
 
@@ -49,10 +52,14 @@ def create_app(settings: Settings | None = None) -> Celery:
         result_backend_always_retry=True,
         result_backend_max_retries=float("inf"),
         result_backend_max_sleep_between_retries_ms=1000,
+        # Task events feed Flower and `celery events`; off by default: each job then costs
+        # ~1.5 more Redis PUBLISHes (`celery worker -E` turns them on too). Worker events
+        # (online, heartbeats) are sent either way.
+        worker_send_task_events=settings.worker_events,
     )
     # STARTED is stored by the task itself, after its delivery check (workers.task).
     app.task(name=TASK_NAME, bind=True, track_started=False)(run_job)
-    _attach_heartbeat(app, settings)
+    _attach_observability(app, settings)
     return app
 
 
@@ -88,14 +95,41 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _attach_heartbeat(app: Celery, settings: Settings) -> None:
+def _attach_observability(app: Celery, settings: Settings) -> None:
+    """Heartbeats and metrics, run by the worker's main process.
+
+    ``worker_init`` comes before the pool starts (prefork forks its children then): the
+    metrics directory must exist by then for the children to write to it. ``worker_ready``
+    comes once the pool and the consumer run: the metrics server and the heartbeat start,
+    the heartbeat carrying the port actually bound (``SIBYLQ_METRICS_PORT=0``).
+    """
     beats: list[Heartbeat] = []
+    exporters: list[WorkerMetrics] = []
+
+    @signals.worker_init.connect(weak=False)
+    def prepare(sender: Any, **_: Any) -> None:
+        if sender.app is app:
+            exporters.append(WorkerMetrics(settings))
 
     @signals.worker_ready.connect(weak=False)
     def start(sender: Any, **_: Any) -> None:
         if sender.app is not app:
             return
-        beat = Heartbeat(settings, sender.hostname, app.amqp.queues.consume_from.keys())
+        queues = sorted(app.amqp.queues.consume_from.keys())
+        pool, concurrency = describe_pool(sender.controller)
+        port = None
+        if exporters:
+            exporters[-1].serve(queues, running=jobs_running, concurrency=concurrency)
+            port = exporters[-1].port
+        beat = Heartbeat(
+            settings,
+            sender.hostname,
+            queues,
+            pool=pool,
+            concurrency=concurrency,
+            busy=jobs_running,
+            metrics_port=port,
+        )
         beat.beat()
         beat.start()
         beats.append(beat)
@@ -104,3 +138,26 @@ def _attach_heartbeat(app: Celery, settings: Settings) -> None:
     def stop(sender: Any, **_: Any) -> None:
         while beats:
             beats.pop().stop()
+        while exporters:
+            exporters.pop().stop()
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def process_exit(pid: int | None = None, **_: Any) -> None:
+        # In a prefork child, as it exits (not when it is killed).
+        process_exited(pid if pid is not None else os.getpid())
+
+
+def jobs_running() -> int:
+    """Jobs this worker is running now: Celery's own count, kept in the main process (a
+    prefork child reports each job it starts, and the main process drops it when it ends,
+    the child dies or its time limit kills it; ``celery inspect active`` reads the same)."""
+    return len(worker_state.active_requests)
+
+
+def describe_pool(controller: Any) -> tuple[str, int]:
+    """The pool's name (``prefork``, ``threads``, ``solo``...) and the jobs it runs at once."""
+    module = type(controller.pool).__module__  # celery.concurrency.prefork, ...thread, ...
+    name = module.rsplit(".", 1)[-1]
+    name = {"thread": "threads"}.get(name, name)  # the names -P takes
+    limit = getattr(controller.pool, "limit", None) or controller.concurrency
+    return name, int(limit)

@@ -1,8 +1,11 @@
-"""Worker liveness in Redis, so producers can say "no worker serves this queue".
+"""Worker liveness in Redis, so producers can say "no worker serves this queue", and
+``sibylq status`` can describe the fleet.
 
 Every ``heartbeat_interval_s`` a worker stamps its hostname into ``sibylq:workers:<queue>``
-for each queue it consumes and refreshes ``sibylq:worker:<hostname>``. It writes to the
-result Redis, the one producers read.
+for each queue it consumes, its queues into ``sibylq:queues`` (the queues ``sibylq status``
+knows), and refreshes ``sibylq:worker:<hostname>``: its model, queues, pool, concurrency,
+the jobs it is running now (``busy``) and its metrics port. It writes to the result Redis,
+the one producers read.
 """
 
 from __future__ import annotations
@@ -12,28 +15,44 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis
 
 from producer.client import HEARTBEAT_GRACE
-from producer.constants import worker_info_key, workers_key
+from producer.constants import QUEUES_KEY, QUEUES_RETENTION_S, worker_info_key, workers_key
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, settings: Settings, hostname: str, queues: Iterable[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hostname: str,
+        queues: Iterable[str],
+        *,
+        pool: str | None = None,
+        concurrency: int | None = None,
+        busy: Callable[[], int] | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         self._redis = redis.Redis.from_url(settings.result_url, socket_connect_timeout=2)
         self._interval_s = settings.heartbeat_interval_s
         self._hostname = hostname
         self._queues = sorted(queues)
-        self._info = {
+        self._busy = busy
+        self._info: dict[str, Any] = {
             "hostname": hostname,
             "queues": self._queues,
             "model": settings.worker_model,
             "pid": os.getpid(),
+            "pool": pool,
+            "concurrency": concurrency,
+            "metrics_port": metrics_port,
+            "started_at": time.time(),
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sibylq-heartbeat", daemon=True)
@@ -54,6 +73,10 @@ class Heartbeat:
             pass  # the entries expire on their own
         self._redis.close()
 
+    def info(self) -> dict[str, Any]:
+        """What the next beat writes to ``sibylq:worker:<hostname>``."""
+        return {**self._info, "busy": None if self._busy is None else self._busy()}
+
     def beat(self) -> None:
         now = time.time()
         grace = HEARTBEAT_GRACE * self._interval_s
@@ -61,7 +84,10 @@ class Heartbeat:
             for queue in self._queues:
                 pipe.zadd(workers_key(queue), {self._hostname: now})
                 pipe.zremrangebyscore(workers_key(queue), "-inf", now - grace)
-            pipe.set(worker_info_key(self._hostname), json.dumps(self._info), ex=int(grace) + 1)
+            if self._queues:
+                pipe.zadd(QUEUES_KEY, dict.fromkeys(self._queues, now))
+            pipe.zremrangebyscore(QUEUES_KEY, "-inf", now - QUEUES_RETENTION_S)
+            pipe.set(worker_info_key(self._hostname), json.dumps(self.info()), ex=int(grace) + 1)
             pipe.execute()
 
     def _run(self) -> None:

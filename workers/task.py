@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar
 
@@ -28,13 +29,14 @@ import redis
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from producer.constants import attempts_key, result_key
-from producer.contract import Failure, JobSpec, Usage
+from producer.constants import FAILURES_RETENTION_S, attempts_key, failures_key, result_key
+from producer.contract import Envelope, Failure, JobSpec, Usage
 from producer.errors import JobFailedError, SibylqError
 from producer.modelref import parse_model_ref
 from producer.outcome import FAILURE_CARRIER
 from producer.settings import Settings, get_settings
 
+from . import metrics
 from .backends import Backend, create_backend
 from .execute import execute
 
@@ -63,16 +65,91 @@ def backend_for(provider: str, settings: Settings) -> Backend:
 
 
 def run_job(task: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    """Celery entry point. Known failures become a JobFailure the producer can type."""
-    if task.request.id:
-        begin_delivery(task, task.request.id, get_settings())
+    """Celery entry point. Known failures become a JobFailure the producer can type.
+
+    Every outcome is counted: in the worker's metrics (``workers.metrics``) and, for
+    failures, per queue and minute in Redis (``count_failure``, read by ``sibylq status``).
+    """
+    settings = get_settings()
+    run = _Run(settings, queue=queue_of(task))
     try:
-        spec = JobSpec.decode(payload)
-        backend = backend_for(parse_model_ref(spec.model).provider, get_settings())
-        envelope = execute(spec, backend, worker=task.request.hostname or "unknown")
+        if task.request.id:
+            begin_delivery(task, task.request.id, settings)
+        envelope = run.execute(payload, worker=task.request.hostname or "unknown")
+    except Ignore:
+        run.finish("skipped")
+        raise
+    except JobFailure as exc:
+        failure = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        run.failed(str(failure.get("type", "JobFailure")))
+        raise
     except SibylqError as exc:
+        run.failed(type(exc).__name__)
         raise JobFailure(_failure(exc).encode()) from exc
+    except Exception as exc:  # a soft time limit, a bug: Celery stores it as the failure
+        run.failed(type(exc).__name__)
+        raise
+    run.finish("succeeded", usage=envelope.usage)
     return envelope.encode()
+
+
+class _Run:
+    """One delivery's bookkeeping for the metrics and the failure counts."""
+
+    def __init__(self, settings: Settings, queue: str) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.model = "unknown"  # until the job decodes
+        self.duration_s: float | None = None
+
+    def execute(self, payload: dict[str, Any], worker: str) -> Envelope:
+        spec = JobSpec.decode(payload)
+        self.model = spec.model
+        created = spec.created_at
+        created = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
+        wait_s = (datetime.now(UTC) - created).total_seconds()
+        metrics.record_started(self.settings, model=self.model, queue=self.queue, wait_s=wait_s)
+        started = time.monotonic()
+        try:
+            backend = backend_for(parse_model_ref(spec.model).provider, self.settings)
+            return execute(spec, backend, worker=worker)
+        finally:
+            self.duration_s = time.monotonic() - started
+
+    def finish(self, status: str, *, error: str | None = None, usage: Usage | None = None) -> None:
+        metrics.record_job(
+            self.settings,
+            model=self.model,
+            queue=self.queue,
+            status=status,
+            error=error,
+            duration_s=self.duration_s,
+            usage=usage,
+        )
+
+    def failed(self, error: str) -> None:
+        self.finish("failed", error=error)
+        count_failure(self.settings, self.queue)
+
+
+def queue_of(task: Task[Any, Any]) -> str:
+    """The queue a delivery came from (its routing key: sibylq sends each job to the queue
+    of the same name)."""
+    info = task.request.delivery_info or {}
+    return str(info.get("routing_key") or "unknown")
+
+
+def count_failure(settings: Settings, queue: str) -> None:
+    """Count a failure on ``queue`` for this minute, for ``sibylq status``. Best effort: a
+    count lost to a Redis outage never changes the job's outcome."""
+    key = failures_key(queue, int(time.time() // 60))
+    try:
+        with _redis(settings.result_url).pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, FAILURES_RETENTION_S)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("cannot count a failure on %s in Redis: %s", queue, exc)
 
 
 def _failure(exc: SibylqError) -> Failure:
@@ -101,6 +178,8 @@ def begin_delivery(task: Task[Any, Any], job_id: str, settings: Settings) -> Non
             return pipe.execute()
 
     stored, attempts, _ = _retrying(check_in)
+    if attempts > 1:
+        metrics.record_redelivery(settings, queue_of(task))
     state = _stored_state(stored)
     if state in FINAL_STATES:
         log.warning("job %s already finished (%s): not running it again", job_id, state)
