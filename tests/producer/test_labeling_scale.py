@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from producer import Client, Models
@@ -41,6 +42,7 @@ class MemorySampler(threading.Thread):
             time.sleep(0.2)
 
 
+@pytest.mark.timeout(300 + ROWS // 50)
 async def test_a_large_run_keeps_redis_memory_bounded(
     client: Client, fake_worker: Worker, redis_server: RedisServer, tmp_path: Path
 ) -> None:
