@@ -1,0 +1,1 @@
+"""Deployment files: docker-compose.yml, deploy/ (Dockerfiles, Kubernetes, health check)."""

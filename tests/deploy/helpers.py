@@ -1,0 +1,19 @@
+"""Paths and facts shared by the deployment tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from producer.settings import Settings
+from workers.celery_app import hard_time_limit_s
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+#: CI runs the suite in a fresh clone with a copy of shared/ beside it.
+COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+
+
+def longest_job_s() -> float:
+    """How long a job may run on a worker with the default settings: its soft time limit plus
+    the grace before the hard kill. A worker told to stop must be given at least that long."""
+    return hard_time_limit_s(Settings.model_construct())  # the defaults, not this environment
