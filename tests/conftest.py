@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -60,6 +61,26 @@ class Worker:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+T = TypeVar("T")
+
+
+def wait_for(
+    what: str,
+    probe: Callable[[], T | None],
+    timeout_s: float = 20,
+    detail: Callable[[], str] = str,
+) -> T:
+    """Poll ``probe`` until it gives something truthy; fail saying ``what`` (and ``detail()``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{detail()}")
+        time.sleep(0.02)
 
 
 def connection_ids(url: str, *names: str) -> list[int]:

@@ -22,7 +22,7 @@ from producer import Client, Job, JobFailedError, Models, Settings
 from producer.constants import queue_name, result_key, worker_info_key, workers_key
 from producer.contract import JobKind, JobSpec, Message
 from producer.redis_server import RedisServer, free_port
-from tests.conftest import Worker
+from tests.conftest import Worker, wait_for
 from workers.metrics import WorkerCollector
 
 T = TypeVar("T")
@@ -33,17 +33,6 @@ FAST = "fake:delay=0.05"
 BROKEN = "fake:delay=nope"  # the producer refuses it; sent raw, the worker's backend fails it
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 20) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def worker_info(url: str, queue: str) -> dict[str, Any]:

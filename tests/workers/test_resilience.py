@@ -23,7 +23,7 @@ import redis
 from producer import BackendError, Client, Job, Models, Settings
 from producer.constants import TASK_NAME, attempts_key, queue_name, result_key
 from producer.redis_server import RedisServer
-from tests.conftest import Worker
+from tests.conftest import Worker, wait_for
 
 T = TypeVar("T")
 
@@ -85,14 +85,7 @@ class Fleet:
         return meta["result"]
 
     def wait_for(self, what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            found = probe()
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}:\n{self.logs_text()[-6000:]}")
-            time.sleep(0.02)
+        return wait_for(what, probe, timeout_s, detail=lambda: self.logs_text()[-6000:])
 
     def settle(self) -> None:
         """Wait until every job is acknowledged and none is queued: nothing can run again,
