@@ -8,11 +8,12 @@ Stdlib only (plus ``example_value``, which makes schema-valid JSON). Use it in-p
         assert stub.requests[-1]["model"] == "stub"
 
 or from another process: ``python -m tests.openai_stub --port 8765`` (prints the base URL, then
-serves until killed).
+serves until killed; ``--help`` lists the ``Chaos`` options).
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST /v1/chat/completions``
 (non-streaming), with OpenAI's response shape and OpenAI's error bodies
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. Every response has a unique
+``x-request-id``; normal answers carry OpenAI's ``x-ratelimit-*`` headers.
 
 The request's model name picks the behaviour, so one worker can exercise all of them:
 
@@ -27,14 +28,39 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ``stub-tools-only``         any JSON ``response_format`` -> HTTP 400 on ``response_format``
 ``stub-truncate``           the answer cut in half, ``finish_reason`` ``"length"``
 ``stub-invalid``            ``"this is not json"``, ``finish_reason`` ``"stop"``, whatever was asked
+``stub-invalid-once``       ``"this is not json"`` unless ``messages`` holds an ``assistant``
+                            message (a re-ask after the bad answer): then a normal answer
 ``stub-context``            HTTP 400 ``context_length_exceeded``
 ``stub-status-<code>``      always HTTP ``<code>`` (4xx or 5xx) with an OpenAI-style error body
+                            (``stub-status-429`` without ``retry-after`` headers)
 ``stub-slow-<ms>``          sleeps ``<ms>`` milliseconds, then behaves normally
+``stub-ratelimit[-<ms>]``   always HTTP 429 ``rate_limit_exceeded`` with ``retry-after-ms: <ms>``
+                            (default ``Chaos.retry_after_s``), ``retry-after`` (whole seconds,
+                            rounded up) and ``x-ratelimit-reset-requests``
+``stub-ratelimit-first*``   the first request for this exact model name: a 429 as
+                            ``stub-ratelimit`` (``Chaos.retry_after_s``); the rest: normal answers
+                            (a unique suffix per test gives each test its own first request)
+``stub-chaos[-<seed>]``     faults, as a provider under load: per request, drawn from one seeded
+                            ``random.Random`` per seed (default ``Chaos.seed``), a 429 as
+                            ``stub-ratelimit`` (``Chaos.rate_limit``, 30%), a 500
+                            (``Chaos.server_error``, 5%), a stall of ``Chaos.stall_s`` (5 s) before
+                            a normal answer (``Chaos.stall``, 5%), else a normal answer
 ==========================  ====================================================================
+
+``OpenAIStub(chaos=Chaos(...))`` sets the rates and delays; ``clear()`` reseeds the generators.
 
 Usage counts words: ``prompt_tokens`` over all message contents, ``completion_tokens`` over the
 answer. ``max_tokens`` (or ``max_completion_tokens``) cuts the answer at that many words, with
 ``finish_reason`` ``"length"``, as a real model stops at its token budget.
+
+What was asked and answered: ``stub.requests`` is the chat completion request bodies, oldest
+first; ``stub.log`` is one ``Exchange`` per request (``received_at``, ``model``, ``status``,
+``retry_after_s``, ``body``, ``conversation``, ``fault``, ``answered_at``; ``status`` is ``None``
+while the answer is still pending, as during a stall). A request's *conversation* is the digest
+of its ``messages`` (``conversation_digest``). After a 429 that told a ``retry-after``, a request
+for the same conversation that arrives before that delay has passed is appended to
+``stub.violations`` as ``Violation(conversation, early_by_s)``: assert it stays empty to show that
+no client retried early (two jobs with identical messages count as one conversation).
 """
 
 from __future__ import annotations
@@ -43,15 +69,18 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
+import random
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from workers.backends.fake import example_value
@@ -66,11 +95,23 @@ MODELS = (
     "stub-tools-only",
     "stub-truncate",
     "stub-invalid",
+    "stub-invalid-once",
     "stub-context",
+    "stub-ratelimit",
+    "stub-chaos",
 )
 _OWNER = "sibylq-stub"
+_REQUESTS_PER_MIN = 10_000
+_TOKENS_PER_MIN = 2_000_000
 _STATUS_MODEL = re.compile(r"stub-status-([45]\d\d)")
 _SLOW_MODEL = re.compile(r"stub-slow-(\d+)")
+_RATELIMIT_MODEL = re.compile(r"stub-ratelimit(?:-(\d+))?")
+_RATELIMIT_FIRST_MODEL = re.compile(r"stub-ratelimit-first(?:-.+)?")
+_CHAOS_MODEL = re.compile(r"stub-chaos(?:-(\d+))?")
+_INVALID = "this is not json"
+
+#: The faults ``stub-chaos`` injects (``stub-ratelimit[-first]`` inject ``"rate_limit"``).
+Fault = Literal["rate_limit", "server_error", "stall"]
 
 # What llama_cpp.server (pydantic request validation, wrapped by its RouteErrorHandler as a 500)
 # says when response_format.type is "json_schema".
@@ -93,6 +134,7 @@ class StubError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -100,6 +142,7 @@ class StubError(Exception):
         self.type = type_
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
 
     def body(self) -> JSON:
         return {
@@ -110,6 +153,98 @@ class StubError(Exception):
                 "code": self.code,
             }
         }
+
+    def reply(self) -> Reply:
+        if self.retry_after_s is None:
+            return Reply(self.status, self.body())
+        return Reply(
+            self.status,
+            self.body(),
+            headers=_retry_headers(self.retry_after_s),
+            retry_after_s=self.retry_after_s,
+        )
+
+
+def _retry_headers(retry_after_s: float) -> dict[str, str]:
+    """What OpenAI sends with a 429; the SDK honours ``retry-after-ms`` before ``retry-after``."""
+    return {
+        "retry-after-ms": str(round(retry_after_s * 1000)),
+        "retry-after": str(math.ceil(retry_after_s)),
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": _duration(retry_after_s),
+    }
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's way to write a reset delay: ``"300ms"``, ``"1.5s"``, ``"20s"``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP response: status, JSON payload, extra headers, the delay a 429 told the client."""
+
+    status: int
+    payload: JSON
+    headers: Mapping[str, str] = field(default_factory=dict)
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Chaos:
+    """What ``stub-chaos`` and ``stub-ratelimit`` do: fault rates (the rest answer normally),
+    the ``retry-after`` of their 429s, how long a stall lasts, and the default seed."""
+
+    rate_limit: float = 0.3
+    server_error: float = 0.05
+    stall: float = 0.05
+    retry_after_s: float = 0.3
+    stall_s: float = 5.0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        rates = (self.rate_limit, self.server_error, self.stall)
+        if min(rates) < 0 or sum(rates) > 1:
+            raise ValueError(f"fault rates must be >= 0 and sum to at most 1, not {rates}")
+        if self.retry_after_s < 0 or self.stall_s < 0:
+            raise ValueError("retry_after_s and stall_s must be >= 0")
+
+    def fault(self, draw: float) -> Fault | None:
+        """The fault for a uniform draw in [0, 1), or None for a normal answer."""
+        faults: tuple[tuple[Fault, float], ...] = (
+            ("rate_limit", self.rate_limit),
+            ("server_error", self.server_error),
+            ("stall", self.stall),
+        )
+        for fault, rate in faults:
+            if draw < rate:
+                return fault
+            draw -= rate
+        return None
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One chat completion request and what the stub answered (``status`` None: not yet)."""
+
+    received_at: float  # time.time() on arrival
+    model: str
+    body: JSON
+    conversation: str  # conversation_digest(body["messages"])
+    status: int | None = None
+    retry_after_s: float | None = None  # the delay a 429 told the client
+    fault: Fault | None = None  # what stub-chaos / stub-ratelimit injected
+    answered_at: float | None = None
+
+
+class Violation(NamedTuple):
+    """A request that came ``early_by_s`` seconds before its conversation's retry-after passed."""
+
+    conversation: str
+    early_by_s: float
 
 
 @dataclass(frozen=True)
@@ -141,7 +276,7 @@ def chat_completion(body: JSON, authorization: str = "") -> JSON:
     _apply_model_behaviour(model, authorization)
     if body.get("stream"):
         raise StubError(400, "This stub does not support streaming.", param="stream")
-    answer = _degrade(model, _answer(model, body))
+    answer = _degrade(model, _answer(model, body), messages)
     answer = _limit(answer, body.get("max_completion_tokens") or body.get("max_tokens"))
     return _response(model, messages, answer)
 
@@ -196,13 +331,7 @@ def status_error(status: int, model: str, authorization: str = "") -> StubError:
             code="model_not_found",
         )
     if status == 429:
-        return StubError(
-            429,
-            f"Rate limit reached for {model} on requests per min (RPM): Limit 3, Used 3, "
-            "Requested 1. Please try again in 20s.",
-            type_="requests",
-            code="rate_limit_exceeded",
-        )
+        return rate_limit_error(model)
     if status == 503:
         return StubError(
             503,
@@ -217,6 +346,19 @@ def status_error(status: int, model: str, authorization: str = "") -> StubError:
             type_="server_error",
         )
     return StubError(status, f"{status} {phrase}.")
+
+
+def rate_limit_error(model: str, retry_after_s: float | None = None) -> StubError:
+    """OpenAI's 429; with ``retry_after_s`` it also sends the ``retry-after`` headers."""
+    wait = _duration(20 if retry_after_s is None else retry_after_s)
+    return StubError(
+        429,
+        f"Rate limit reached for {model} on requests per min (RPM): Limit 3, Used 3, "
+        f"Requested 1. Please try again in {wait}.",
+        type_="requests",
+        code="rate_limit_exceeded",
+        retry_after_s=retry_after_s,
+    )
 
 
 def _phrase(status: int) -> str:
@@ -337,13 +479,19 @@ def _text_of(message: Any) -> str:
     return ""
 
 
-def _degrade(model: str, answer: Answer) -> Answer:
+def _degrade(model: str, answer: Answer, messages: list[Any]) -> Answer:
     if model == "stub-truncate":
         output = answer.output
         return answer.with_output(output[: len(output) // 2], "length")
-    if model == "stub-invalid":
-        return answer.with_output("this is not json", "stop")
+    if model == "stub-invalid" or (model == "stub-invalid-once" and not _is_reask(messages)):
+        return answer.with_output(_INVALID, "stop")
     return answer
+
+
+def _is_reask(messages: list[Any]) -> bool:
+    return any(
+        isinstance(message, dict) and message.get("role") == "assistant" for message in messages
+    )
 
 
 def _limit(answer: Answer, max_tokens: object) -> Answer:
@@ -397,6 +545,31 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
+def _model_name(body: JSON) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else ""
+
+
+def conversation_digest(messages: object) -> str:
+    """What identifies a conversation in ``Exchange.conversation`` and ``Violation``."""
+    text = json.dumps(messages, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _ok(payload: JSON) -> Reply:
+    """A 200 with the rate limit headers OpenAI sends on every answer."""
+    tokens = int(payload["usage"]["total_tokens"])
+    headers = {
+        "x-ratelimit-limit-requests": str(_REQUESTS_PER_MIN),
+        "x-ratelimit-remaining-requests": str(_REQUESTS_PER_MIN - 1),
+        "x-ratelimit-reset-requests": _duration(60 / _REQUESTS_PER_MIN),
+        "x-ratelimit-limit-tokens": str(_TOKENS_PER_MIN),
+        "x-ratelimit-remaining-tokens": str(_TOKENS_PER_MIN - tokens),
+        "x-ratelimit-reset-tokens": _duration(60 * tokens / _TOKENS_PER_MIN),
+    }
+    return Reply(200, payload, headers=headers)
+
+
 # -- models -----------------------------------------------------------------------------------
 
 
@@ -414,8 +587,8 @@ def model_list() -> JSON:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], record: Callable[[JSON], None]) -> None:
-        self.record = record
+    def __init__(self, address: tuple[str, int], exchange: Callable[[JSON, str], Reply]) -> None:
+        self.exchange = exchange
         super().__init__(address, _Handler)
 
 
@@ -423,45 +596,49 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     timeout = 60  # idle keep-alive connections close after this many seconds
+    # Headers and body go out in two writes: with Nagle's algorithm the body waits for the
+    # client's delayed ACK, 40 ms a request.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path.rstrip("/")
         if path == "/v1/models":
-            self._send(200, model_list())
+            self._send(Reply(200, model_list()))
         elif path.startswith("/v1/models/"):
-            self._send(200, model_object(path.removeprefix("/v1/models/")))
+            self._send(Reply(200, model_object(path.removeprefix("/v1/models/"))))
         else:
-            self._send_error(self._not_found())
+            self._send(self._not_found().reply())
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if urlsplit(self.path).path.rstrip("/") != "/v1/chat/completions":
-            self._send_error(self._not_found())
+            self._send(self._not_found().reply())
             return
         try:
             body = _parse_body(raw)
-            self.server.record(body)
-            self._send(200, chat_completion(body, self.headers.get("Authorization", "")))
         except StubError as error:
-            self._send_error(error)
+            self._send(error.reply())
+            return
+        self._send(self.server.exchange(body, self.headers.get("Authorization", "")))
 
     def _not_found(self) -> StubError:
         return StubError(404, f"Invalid URL ({self.command} {urlsplit(self.path).path})")
 
-    def _send_error(self, error: StubError) -> None:
-        self._send(error.status, error.body())
-
-    def _send(self, status: int, payload: JSON) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-request-id", "req_" + _digest(status, payload)[:16])
-        self.end_headers()
-        self.wfile.write(data)
+    def _send(self, reply: Reply) -> None:
+        data = json.dumps(reply.payload).encode()
+        # after a stall the client may be gone: nobody is left to tell
+        with contextlib.suppress(ConnectionError):
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("x-request-id", "req_" + uuid.uuid4().hex)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: tests read ``OpenAIStub.requests`` instead of a log."""
+        """Quiet: tests read ``OpenAIStub.requests`` and ``OpenAIStub.log`` instead."""
 
 
 def _parse_body(raw: bytes) -> JSON:
@@ -482,11 +659,17 @@ def _parse_body(raw: bytes) -> JSON:
 class OpenAIStub:
     """The stub server in a daemon thread. A context manager; ``close()`` stops it."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", chaos: Chaos | None = None) -> None:
+        self.chaos = chaos or Chaos()
         self._host = host
         self._lock = threading.Lock()
-        self._requests: list[JSON] = []
-        self._server = _Server((host, port), self._record)
+        self._log: list[Exchange] = []
+        self._violations: list[Violation] = []
+        self._retry_at: dict[str, float] = {}  # conversation -> when its retry-after passes
+        self._rngs: dict[int, random.Random] = {}  # seed -> the generator stub-chaos draws from
+        self._limited: set[str] = set()  # the stub-ratelimit-first-* names already answered 429
+        self._closing = threading.Event()
+        self._server = _Server((host, port), self._exchange)
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="openai-stub", daemon=True
         )
@@ -504,21 +687,38 @@ class OpenAIStub:
     @property
     def requests(self) -> list[JSON]:
         """The chat completion request bodies received so far, oldest first (a copy)."""
-        with self._lock:
-            return list(self._requests)
+        return [exchange.body for exchange in self.log]
 
     def requests_for(self, model: str) -> list[JSON]:
         """The request bodies received for one model name."""
         return [body for body in self.requests if body.get("model") == model]
 
-    def clear(self) -> None:
+    @property
+    def log(self) -> list[Exchange]:
+        """Each chat completion request with what the stub answered, by arrival (a copy)."""
         with self._lock:
-            self._requests.clear()
+            return list(self._log)
+
+    @property
+    def violations(self) -> list[Violation]:
+        """Requests that came before their conversation's retry-after had passed (a copy)."""
+        with self._lock:
+            return list(self._violations)
+
+    def clear(self) -> None:
+        """Forget requests, violations and retry-afters; reseed ``stub-chaos``."""
+        with self._lock:
+            self._log.clear()
+            self._violations.clear()
+            self._retry_at.clear()
+            self._rngs.clear()
+            self._limited.clear()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()  # ends stalls
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -529,22 +729,121 @@ class OpenAIStub:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _record(self, body: JSON) -> None:
+    def _exchange(self, body: JSON, authorization: str) -> Reply:
+        """Serve one request (in its handler thread), recording it on arrival and on answer."""
+        received_at = time.time()
+        model = _model_name(body)
+        pending = Exchange(
+            received_at=received_at,
+            model=model,
+            body=body,
+            conversation=conversation_digest(body.get("messages")),
+            fault=self._draw_fault(model),
+        )
+        self._arrive(pending)
+        try:
+            self._inject(pending.fault, model)
+            reply = _ok(chat_completion(body, authorization))
+        except StubError as error:
+            reply = error.reply()
+        self._settle(pending, reply)
+        return reply
+
+    def _arrive(self, exchange: Exchange) -> None:
         with self._lock:
-            self._requests.append(body)
+            self._log.append(exchange)
+            retry_at = self._retry_at.get(exchange.conversation, 0.0)
+            if exchange.received_at < retry_at:
+                early_by_s = retry_at - exchange.received_at
+                self._violations.append(Violation(exchange.conversation, early_by_s))
+
+    def _draw_fault(self, model: str) -> Fault | None:
+        if _RATELIMIT_FIRST_MODEL.fullmatch(model):
+            return "rate_limit" if self._first_time(model) else None
+        if _RATELIMIT_MODEL.fullmatch(model):
+            return "rate_limit"
+        chaos = _CHAOS_MODEL.fullmatch(model)
+        if chaos is None:
+            return None
+        seed = int(chaos.group(1)) if chaos.group(1) else self.chaos.seed
+        with self._lock:
+            rng = self._rngs.setdefault(seed, random.Random(seed))
+            return self.chaos.fault(rng.random())
+
+    def _first_time(self, model: str) -> bool:
+        with self._lock:
+            first = model not in self._limited
+            self._limited.add(model)
+            return first
+
+    def _inject(self, fault: Fault | None, model: str) -> None:
+        if fault == "rate_limit":
+            raise rate_limit_error(model, self._retry_after_s(model))
+        if fault == "server_error":
+            raise status_error(500, model)
+        if fault == "stall":
+            self._closing.wait(self.chaos.stall_s)
+
+    def _retry_after_s(self, model: str) -> float:
+        ratelimit = _RATELIMIT_MODEL.fullmatch(model)  # no match for stub-ratelimit-first-*
+        if ratelimit and ratelimit.group(1):
+            return int(ratelimit.group(1)) / 1000
+        return self.chaos.retry_after_s
+
+    def _settle(self, pending: Exchange, reply: Reply) -> None:
+        now = time.time()
+        answered = replace(
+            pending, status=reply.status, retry_after_s=reply.retry_after_s, answered_at=now
+        )
+        with self._lock:
+            if reply.retry_after_s is not None:
+                self._retry_at[pending.conversation] = now + reply.retry_after_s
+            # by identity: equal exchanges may be pending at once; gone if clear() came between
+            for index in range(len(self._log) - 1, -1, -1):
+                if self._log[index] is pending:
+                    self._log[index] = answered
+                    return
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A deterministic OpenAI-compatible stub server.")
-    parser.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser = argument_parser()
     args = parser.parse_args(argv)
+    try:
+        chaos = chaos_of(args)
+    except ValueError as error:
+        parser.error(str(error))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    with OpenAIStub(port=args.port, host=args.host) as stub:
+    with OpenAIStub(port=args.port, host=args.host, chaos=chaos) as stub:
         print(stub.base_url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="A deterministic OpenAI-compatible stub server.")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
+    parser.add_argument("--host", default="127.0.0.1")
+    defaults = Chaos()
+    chaos = parser.add_argument_group("faults", "what stub-chaos and stub-ratelimit do")
+    chaos.add_argument("--rate-limit", type=float, default=defaults.rate_limit, help="429 rate")
+    chaos.add_argument("--server-error", type=float, default=defaults.server_error, help="500 rate")
+    chaos.add_argument("--stall", type=float, default=defaults.stall, help="stall rate")
+    chaos.add_argument("--retry-after-s", type=float, default=defaults.retry_after_s)
+    chaos.add_argument("--stall-s", type=float, default=defaults.stall_s)
+    chaos.add_argument("--seed", type=int, default=defaults.seed)
+    return parser
+
+
+def chaos_of(args: argparse.Namespace) -> Chaos:
+    return Chaos(
+        rate_limit=args.rate_limit,
+        server_error=args.server_error,
+        stall=args.stall,
+        retry_after_s=args.retry_after_s,
+        stall_s=args.stall_s,
+        seed=args.seed,
+    )
 
 
 if __name__ == "__main__":
