@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from .contract import GenConf
-from .errors import InvalidRequestError, SibylqError
+import redis
+
+from .client import Client
+from .contract import Failure, GenConf
+from .deadletters import DeadLetter, list_dead, purge_dead, retry_dead
+from .errors import BrokerUnavailableError, InvalidRequestError, SibylqError
 from .modelref import parse_model_ref
 from .redis_server import find_redis_server
-from .status import add_status_parser, run_status
+from .settings import get_settings
+from .status import add_status_parser, format_table, redact_url, run_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_label_parser(commands)
     add_status_parser(commands)
+    _add_dead_letter_parsers(commands)
 
     commands.add_parser(
         "redis-server",
@@ -66,6 +75,108 @@ def _add_label_parser(commands: Any) -> None:
     label.add_argument("--ordered", action="store_true", help="write results in input order")
     label.add_argument("--retry-failed", action="store_true", help="re-run failed rows")
     label.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _add_dead_letter_parsers(commands: Any) -> None:
+    failed = commands.add_parser(
+        "failed", help="jobs that finally failed (dead letters) at SIBYLQ_BROKER_URL, newest first"
+    )
+    failed.add_argument("--queue", help="only the jobs of this queue")
+    failed.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
+    failed.add_argument(
+        "--json", action="store_true", help="one JSON object a line, with every raw output"
+    )
+    failed.add_argument(
+        "--purge", action="store_true", help="forget every failed job (with --queue: its own)"
+    )
+    retry = commands.add_parser(
+        "retry", help="re-enqueue failed jobs under their own ids, queues and priorities"
+    )
+    retry.add_argument("job_ids", nargs="*", metavar="JOB_ID", help="as `sibylq failed` lists")
+    retry.add_argument("--all", action="store_true", help="every failed job")
+    retry.add_argument("--queue", help="with --all: every failed job of this queue")
+
+
+@contextmanager
+def _fleet() -> Iterator[Client]:
+    """A client of the fleet at SIBYLQ_BROKER_URL, never an embedded cluster: a dead letter
+    lives in the Redis that workers and producers share."""
+    settings = get_settings()
+    settings.broker  # noqa: B018 - raises ConfigurationError when SIBYLQ_BROKER_URL is unset
+    client = Client(settings)
+    try:
+        yield client
+    except redis.RedisError as exc:
+        raise BrokerUnavailableError(
+            f"cannot reach Redis at {redact_url(settings.result_url)}: {exc}"
+        ) from exc
+    finally:
+        client.close()
+
+
+def _run_failed(args: argparse.Namespace) -> int:
+    with _fleet() as client:
+        if args.purge:
+            letters = list_dead(client.redis, queue=args.queue, limit=None)
+            count = purge_dead(client.redis, [letter.job_id for letter in letters])
+            print(f"forgot {count} failed job{'' if count == 1 else 's'}")
+            return 0
+        letters = list_dead(client.redis, queue=args.queue, limit=args.limit)
+    if args.json:
+        for letter in letters:
+            print(json.dumps(letter.encode()))
+    elif letters:
+        print("\n".join(_dead_letter_table(letters)))
+    else:
+        print("no failed jobs" + (f" on queue {args.queue}" if args.queue else ""))
+    return 0
+
+
+def _dead_letter_table(letters: list[DeadLetter]) -> list[str]:
+    rows = [
+        [
+            letter.job_id,
+            letter.queue,
+            letter.failed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
+            letter.failure.type,
+            _clip(letter.failure.message, 60),
+            str(letter.failure.attempts),
+            _clip(_last_output(letter.failure), 40),
+        ]
+        for letter in letters
+    ]
+    header = ["JOB ID", "QUEUE", "FAILED AT", "ERROR", "MESSAGE", "ATTEMPTS", "LAST OUTPUT"]
+    return format_table(header, rows, empty="no failed jobs")
+
+
+def _last_output(failure: Failure) -> str:
+    if failure.raw_outputs:
+        return failure.raw_outputs[-1]
+    return "-" if failure.raw_text is None else failure.raw_text
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _run_retry(args: argparse.Namespace) -> int:
+    if args.all == bool(args.job_ids):
+        raise InvalidRequestError("sibylq retry: give JOB_IDs or --all (not both)")
+    if args.queue and not args.all:
+        raise InvalidRequestError("sibylq retry: --queue goes with --all")
+    with _fleet() as client:
+        if args.all:
+            letters = list_dead(client.redis, queue=args.queue, limit=None)
+            job_ids = [letter.job_id for letter in reversed(letters)]  # oldest first
+        else:
+            job_ids = args.job_ids
+        retried = retry_dead(client, job_ids)
+    print(f"re-enqueued {len(retried)} failed job{'' if len(retried) == 1 else 's'}")
+    for job_id in retried:
+        print(job_id)
+    return 0
 
 
 def _run_label(args: argparse.Namespace) -> int:
@@ -119,6 +230,14 @@ def _count_lines(path: Path) -> int | None:
     return max(lines - 1, 0) if path.suffix.lower() == ".csv" else lines
 
 
+_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "label": _run_label,
+    "status": run_status,
+    "failed": _run_failed,
+    "retry": _run_retry,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
@@ -127,14 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.execv(binary, [binary, *rest])
         if rest:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command == "label":
-            return _run_label(args)
         if args.command == "up":
             from .embedded import run_up
 
             return run_up(args.models)
-        if args.command == "status":
-            return run_status(args)
+        if args.command in _RUNNERS:
+            return _RUNNERS[args.command](args)
         if args.command == "queue":
             print(parse_model_ref(args.model).queue)
             return 0

@@ -99,7 +99,7 @@ class FleetStatus:
     def to_table(self) -> str:
         window = _duration(self.failures_window_s)
         lines = [f"broker {self.broker}", ""]
-        lines += _table(
+        lines += format_table(
             ["QUEUE", "WAITING", "OLDEST", "WORKERS", "BUSY", f"FAILED ({window})"],
             [
                 [
@@ -115,7 +115,7 @@ class FleetStatus:
             empty="no sibylq queues (no worker has run, and no job is waiting)",
         )
         lines.append("")
-        lines += _table(
+        lines += format_table(
             ["WORKER", "MODEL", "QUEUES", "POOL", "BUSY", "HEARTBEAT", "METRICS"],
             [
                 [
@@ -330,7 +330,7 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: list[str], rows: list[list[str]], *, empty: str) -> list[str]:
+def format_table(header: list[str], rows: list[list[str]], *, empty: str) -> list[str]:
     """Columns padded to their widest cell; numbers (and ``busy/slots``) aligned right."""
     if not rows:
         return [empty]

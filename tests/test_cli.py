@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from producer import Client, Job
+from producer.deadletters import DeadLetter, list_dead, record
+from producer.redis_server import RedisServer
+from tests.conftest import Worker
+from tests.producer.test_deadletters import (
+    EXPIRE_S,
+    FAKE,
+    PARKED,
+    bury,
+    dead_letter,
+    without_dead_letters,
+)
 
 
 def _sibylq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,3 +54,134 @@ def test_redis_server_runs_the_binary_it_finds() -> None:
     result = _sibylq("redis-server", "--version")
     assert result.returncode == 0
     assert "Redis server" in result.stdout
+
+
+# -- dead letters: `sibylq failed` and `sibylq retry` ----------------------------------------
+
+
+def _sibylq_at(broker_url: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """``sibylq ARGS`` with ``SIBYLQ_BROKER_URL`` set to ``broker_url`` (None: unset)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SIBYLQ_")}
+    if broker_url is not None:
+        env["SIBYLQ_BROKER_URL"] = broker_url
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def dead_letters(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    yield from without_dead_letters(redis_server.url)
+
+
+@pytest.mark.parametrize("command", [["failed"], ["retry", "--all"]])
+def test_dead_letter_commands_need_the_fleets_broker(command: list[str]) -> None:
+    result = _sibylq_at(None, *command)
+    assert result.returncode == 2
+    assert "SIBYLQ_BROKER_URL is not set" in result.stderr
+
+
+def test_failed_says_so_when_no_job_failed(
+    redis_server: RedisServer, dead_letters: redis.Redis
+) -> None:
+    result = _sibylq_at(redis_server.url, "failed")
+    assert (result.returncode, result.stdout) == (0, "no failed jobs\n")
+    assert _sibylq_at(redis_server.url, "failed", "--json").stdout == ""
+
+
+def test_failed_shows_a_table_newest_first_with_the_last_output_cut_short(
+    redis_server: RedisServer, dead_letters: redis.Redis
+) -> None:
+    long_output = "{\n" + "x" * 500
+    record(dead_letters, dead_letter("older", ago_s=60), EXPIRE_S)
+    record(dead_letters, dead_letter("newer", raw_outputs=("first", long_output)), EXPIRE_S)
+
+    result = _sibylq_at(redis_server.url, "failed")
+
+    assert result.returncode == 0, result.stderr
+    header, newer, older = result.stdout.splitlines()
+    assert header.split()[:4] == ["JOB", "ID", "QUEUE", "FAILED"]
+    assert newer.startswith("newer ") and older.startswith("older ")
+    assert all(word in newer for word in ("sibylq.fake", "OutputValidationError", " 2 "))
+    assert "{ xxx" in newer and "x" * 100 not in newer
+    assert '{"name": "Ann"' in older
+
+
+def test_failed_json_lines_carry_everything(
+    redis_server: RedisServer, dead_letters: redis.Redis
+) -> None:
+    letters = [
+        dead_letter("on-fake", ago_s=2, raw_outputs=("one", "two", "three")),
+        dead_letter("on-parked", queue=PARKED),
+    ]
+    for letter in letters:
+        record(dead_letters, letter, EXPIRE_S)
+
+    everything = _sibylq_at(redis_server.url, "failed", "--json")
+    one_queue = _sibylq_at(redis_server.url, "failed", "--json", "--queue", FAKE)
+
+    parsed = [DeadLetter.decode(json.loads(line)) for line in everything.stdout.splitlines()]
+    assert parsed == letters[::-1]
+    assert [json.loads(line)["job_id"] for line in one_queue.stdout.splitlines()] == ["on-fake"]
+    assert json.loads(one_queue.stdout)["failure"]["raw_outputs"] == ["one", "two", "three"]
+
+
+def test_failed_purge_forgets_a_queues_failed_jobs(
+    redis_server: RedisServer, dead_letters: redis.Redis
+) -> None:
+    record(dead_letters, dead_letter("forget-me", queue=PARKED), EXPIRE_S)
+    record(dead_letters, dead_letter("keep-me"), EXPIRE_S)
+
+    result = _sibylq_at(redis_server.url, "failed", "--purge", "--queue", PARKED)
+
+    assert (result.returncode, result.stdout) == (0, "forgot 1 failed job\n")
+    assert [letter.job_id for letter in list_dead(dead_letters)] == ["keep-me"]
+
+
+def test_retry_reenqueues_the_named_jobs_which_then_succeed(
+    redis_server: RedisServer, dead_letters: redis.Redis, client: Client, fake_worker: Worker
+) -> None:
+    for job_id in ("cli-retry-1", "cli-retry-2", "cli-left-dead"):
+        bury(dead_letters, dead_letter(job_id))
+
+    result = _sibylq_at(redis_server.url, "retry", "cli-retry-1", "cli-retry-2")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["re-enqueued 2 failed jobs", "cli-retry-1", "cli-retry-2"]
+    for job_id in ("cli-retry-1", "cli-retry-2"):
+        assert Job.from_id(job_id, client=client, queue=FAKE).result(30) == "fake output"
+    assert [letter.job_id for letter in list_dead(dead_letters)] == ["cli-left-dead"]
+
+
+def test_retry_all_of_one_queue(
+    redis_server: RedisServer, dead_letters: redis.Redis, client: Client, fake_worker: Worker
+) -> None:
+    bury(dead_letters, dead_letter("cli-all-fake"))
+    bury(dead_letters, dead_letter("cli-all-parked", queue=PARKED))
+
+    result = _sibylq_at(redis_server.url, "retry", "--all", "--queue", FAKE)
+
+    assert result.stdout.splitlines() == ["re-enqueued 1 failed job", "cli-all-fake"]
+    assert Job.from_id("cli-all-fake", client=client, queue=FAKE).result(30) == "fake output"
+    assert [letter.job_id for letter in list_dead(dead_letters)] == ["cli-all-parked"]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["no-such-job"], "no failed job no-such-job"),
+        ([], "give JOB_IDs or --all"),
+        (["some-id", "--all"], "give JOB_IDs or --all"),
+        (["some-id", "--queue", FAKE], "--queue goes with --all"),
+    ],
+)
+def test_retry_refuses_what_it_cannot_do(
+    redis_server: RedisServer, dead_letters: redis.Redis, args: list[str], error: str
+) -> None:
+    result = _sibylq_at(redis_server.url, "retry", *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert error in result.stderr

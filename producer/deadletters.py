@@ -1,0 +1,183 @@
+"""Dead letters: jobs that finally failed, kept so they can be read and run again.
+
+A worker ``record``\\ s a job once it fails for good (no retry left). Two keys hold it:
+
+- ``sibylq:dead-letter:<job id>``: the ``DeadLetter`` as JSON (the job, its queue and
+  priority, the failure with every raw output), expiring after ``dead_letters_expire_s``;
+- ``sibylq:dead-letters``: the index, a sorted set of job ids by time of failure (unix s),
+  pruned of entries older than that by every ``record``, and of entries whose record expired
+  by every ``list_dead``.
+
+``retry_dead`` re-enqueues a dead job under its own id, queue and priority, so whoever waits
+on or later reads that id gets the new result. The steps are ordered so that a crash midway
+never loses the job: the failed result and the delivery count are deleted (a worker drops a
+delivery whose result is final, and refuses one delivered too often), the job is enqueued,
+and only then is its dead letter removed. A crash before that removal leaves the job both
+enqueued and listed; retrying it again only runs it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from redis import Redis, WatchError
+
+from .client import Client
+from .constants import DEAD_LETTERS_KEY, attempts_key, dead_letter_key, result_key
+from .contract import Failure, JobSpec
+from .errors import ContractError, InvalidRequestError
+
+#: Index entries read per round trip while listing.
+_PAGE = 500
+
+
+class DeadLetter(BaseModel):
+    """A job that finally failed: what it was, where it ran, and how it failed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    job_id: str
+    queue: str
+    priority: int = 0
+    job: JobSpec
+    failure: Failure
+    failed_at: datetime
+    #: The hostname of the worker it failed on.
+    worker: str
+
+    def encode(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def decode(cls, data: object) -> DeadLetter:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ContractError(f"not a valid DeadLetter: {exc}", data) from exc
+
+
+def record(redis: Redis, letter: DeadLetter, expire_s: int) -> None:
+    """Store ``letter`` for ``expire_s`` seconds and index it, in one MULTI/EXEC; index
+    entries older than ``expire_s`` go at the same time. Redis errors propagate."""
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.set(dead_letter_key(letter.job_id), json.dumps(letter.encode()), ex=expire_s)
+        pipe.zadd(DEAD_LETTERS_KEY, {letter.job_id: _unix(letter.failed_at)})
+        pipe.zremrangebyscore(DEAD_LETTERS_KEY, "-inf", f"({time.time() - expire_s}")
+        pipe.expire(DEAD_LETTERS_KEY, expire_s)  # every record is gone by then too
+        pipe.execute()
+
+
+def list_dead(
+    redis: Redis, *, queue: str | None = None, limit: int | None = 100
+) -> list[DeadLetter]:
+    """Dead letters, newest first (only ``queue``'s when given; all of them with ``limit``
+    None). Index entries whose record expired are skipped and pruned."""
+    if limit is not None and limit < 1:
+        raise InvalidRequestError(f"the limit must be at least 1, not {limit}")
+    return [letter for letter, _ in islice(_scan(redis, queue), limit)]
+
+
+def retry_dead(client: Client, job_ids: Sequence[str] | None) -> list[str]:
+    """Re-enqueue the dead jobs ``job_ids`` (None: every one, oldest first) under their own
+    ids, queues and priorities; returns the ids. Raises ``InvalidRequestError`` naming the
+    ids that are not dead letters, before enqueueing anything."""
+    if job_ids is None:
+        found = list(_scan(client.redis, None))[::-1]
+    else:
+        found = _load(client.redis, job_ids)
+    for letter, raw in found:
+        _retry(client, letter, raw)
+    return [letter.job_id for letter, _ in found]
+
+
+def purge_dead(redis: Redis, job_ids: Sequence[str] | None) -> int:
+    """Forget the dead letters ``job_ids`` (None: all); returns how many there were."""
+    if job_ids is None:
+        job_ids = [_text(member) for member in redis.zrange(DEAD_LETTERS_KEY, 0, -1)]
+    if not job_ids:
+        return 0
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(*[dead_letter_key(job_id) for job_id in job_ids])
+        pipe.zrem(DEAD_LETTERS_KEY, *job_ids)
+        deleted, _ = pipe.execute()
+    return int(deleted)
+
+
+def _scan(redis: Redis, queue: str | None) -> Iterator[tuple[DeadLetter, bytes | str]]:
+    """Every live dead letter (and its stored JSON), newest first, a page at a time."""
+    offset = 0
+    seen: set[str] = set()  # a record() meanwhile shifts the index down: skip repeats
+    while page := [
+        _text(member) for member in redis.zrevrange(DEAD_LETTERS_KEY, offset, offset + _PAGE - 1)
+    ]:
+        stored = redis.mget([dead_letter_key(job_id) for job_id in page])
+        expired = [job_id for job_id, raw in zip(page, stored, strict=True) if raw is None]
+        if expired:
+            redis.zrem(DEAD_LETTERS_KEY, *expired)
+        offset += len(page) - len(expired)
+        for job_id, raw in zip(page, stored, strict=True):
+            if raw is not None and job_id not in seen:
+                seen.add(job_id)
+                letter = _parse(raw)
+                if queue is None or letter.queue == queue:
+                    yield letter, raw
+
+
+def _load(redis: Redis, job_ids: Sequence[str]) -> list[tuple[DeadLetter, bytes | str]]:
+    unique = list(dict.fromkeys(job_ids))
+    stored = redis.mget([dead_letter_key(job_id) for job_id in unique]) if unique else []
+    missing = [job_id for job_id, raw in zip(unique, stored, strict=True) if raw is None]
+    if missing:
+        raise InvalidRequestError(
+            f"no failed job {', '.join(missing)} (retried, purged or expired?): "
+            "`sibylq failed` lists the failed jobs"
+        )
+    return [(_parse(raw), raw) for raw in stored if raw is not None]
+
+
+def _retry(client: Client, letter: DeadLetter, raw: bytes | str) -> None:
+    client.redis.delete(result_key(letter.job_id), attempts_key(letter.job_id))
+    # A fresh created_at: its queue wait (metrics, `sibylq status`) starts now.
+    job = letter.job.model_copy(update={"created_at": datetime.now(UTC)})
+    client.submit(job, letter.queue, letter.job_id, priority=letter.priority)
+    _remove_unless_changed(client.redis, letter.job_id, raw)
+
+
+def _remove_unless_changed(redis: Redis, job_id: str, raw: bytes | str) -> None:
+    """Remove the dead letter read as ``raw``: not a newer one, recorded if the retried job
+    already failed again."""
+    key = dead_letter_key(job_id)
+    with redis.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(key)  # type: ignore[no-untyped-call]
+            if pipe.get(key) != raw:
+                return
+            pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(DEAD_LETTERS_KEY, job_id)
+            pipe.execute()
+        except WatchError:
+            return  # recorded again between the GET and the EXEC
+
+
+def _parse(raw: bytes | str) -> DeadLetter:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ContractError(f"not a valid DeadLetter: {exc}", raw) from exc
+    return DeadLetter.decode(data)
+
+
+def _unix(moment: datetime) -> float:
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
