@@ -21,6 +21,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from . import cache
 from .constants import TASK_NAME, attempts_key, claim_key, result_key, workers_key
 from .contract import JobSpec
 from .errors import BrokerUnavailableError, ConfigurationError
@@ -99,9 +100,15 @@ class Client:
             socket_keepalive=True,
         )
 
-    def submit(self, spec: JobSpec, queue: str, job_id: str | None = None) -> str:
-        """Enqueue ``spec`` on ``queue``; returns the job id."""
+    def submit(
+        self, spec: JobSpec, queue: str, job_id: str | None = None, *, priority: int = 0
+    ) -> str:
+        """Enqueue ``spec`` on ``queue`` (``priority`` 0 is served first; see
+        ``LANE_PRIORITIES``); returns the job id. An answer in the cache (``producer.cache``)
+        is stored as the job's result at once, and nothing is enqueued."""
         job_id = job_id or str(uuid.uuid4())
+        if self.settings.cache and self._answer_from_cache(spec, job_id):
+            return job_id
         try:
             self.celery.send_task(
                 TASK_NAME,
@@ -109,6 +116,7 @@ class Client:
                 task_id=job_id,
                 queue=queue,
                 routing_key=queue,
+                priority=priority,
                 # Celery would saferepr() the whole job for logs and Flower: slow, and noisy.
                 argsrepr=f"<{spec.kind} job for {spec.model}>",
                 kwargsrepr="{}",
@@ -120,7 +128,17 @@ class Client:
             ) from exc
         return job_id
 
-    def submit_once(self, spec: JobSpec, queue: str, job_id: str) -> bool:
+    def _answer_from_cache(self, spec: JobSpec, job_id: str) -> bool:
+        hit = cache.lookup(self.redis, spec)
+        if hit is None:
+            return False
+        try:
+            cache.store_as_result(self.redis, job_id, hit, self.settings.result_expires_s)
+        except redis.RedisError:
+            return False
+        return True
+
+    def submit_once(self, spec: JobSpec, queue: str, job_id: str, *, priority: int = 0) -> bool:
         """Enqueue unless this job id was enqueued before; True if it was enqueued now.
 
         The claim is recorded after the enqueue: a crash between the two can enqueue a job
@@ -130,7 +148,7 @@ class Client:
         try:
             if self.redis.exists(key):
                 return False
-            self.submit(spec, queue, job_id)
+            self.submit(spec, queue, job_id, priority=priority)
             self.redis.set(key, "1", ex=self.settings.result_expires_s)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"cannot reach Redis to enqueue {job_id}: {exc}") from exc

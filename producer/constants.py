@@ -20,6 +20,14 @@ Redis keys:
 ``sibylq:queues``                 sorted set: queue -> last heartbeat of a worker on it (unix s)
 ``sibylq:failures:<queue>:<min>`` jobs that failed on ``queue`` in that minute (unix s // 60;
                                   expires after ``FAILURES_RETENTION_S``)
+``sibylq:delayed``                sorted set: a job waiting for its retry -> when due (unix ms)
+``sibylq:delayed:leased``         sorted set: due jobs a worker is re-enqueueing -> since (unix ms)
+``sibylq:dead-letters``           sorted set: job id of a job that finally failed -> when (unix s)
+``sibylq:dead-letter:<job id>``   JSON: the failed job, its queue and priority, and its failure
+``sibylq:ratelimit:<scope>:rpm``  the fleet-wide request limiter's state for one provider key and
+``sibylq:ratelimit:<scope>:tpm``  model (theoretical arrival times, unix ms), and until when a 429
+``sibylq:ratelimit:<scope>:pause`` paused everyone sharing it
+``sibylq:cache:<digest>``         a cached answer to an identical temperature-0 request
 ================================  =============================================
 
 kombu's Redis transport keeps a queue's waiting messages in the list ``<queue>`` (pushed on
@@ -39,6 +47,12 @@ WORKERS_BY_QUEUE_PREFIX = "sibylq:workers:"
 WORKER_INFO_PREFIX = "sibylq:worker:"
 QUEUES_KEY = "sibylq:queues"
 FAILURES_PREFIX = "sibylq:failures:"
+DELAYED_KEY = "sibylq:delayed"
+DELAYED_LEASED_KEY = "sibylq:delayed:leased"
+DEAD_LETTERS_KEY = "sibylq:dead-letters"
+DEAD_LETTER_PREFIX = "sibylq:dead-letter:"
+RATE_LIMIT_PREFIX = "sibylq:ratelimit:"
+CACHE_PREFIX = "sibylq:cache:"
 #: How long per-minute failure counts are kept (``sibylq status`` sums at most this far back).
 FAILURES_RETENTION_S = 25 * 3600
 #: How long a queue nobody served stays in ``QUEUES_KEY``.
@@ -47,6 +61,10 @@ QUEUES_RETENTION_S = 24 * 3600
 #: kombu's Redis transport: a queue's list for priority step ``n`` > 0 is ``<queue><SEP><n>``.
 KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+#: Lanes: kombu's Redis transport pops priority 0 first (the bare queue list), then 3, 6, 9.
+#: Interactive jobs go ahead of bulk labeling work waiting on the same queue.
+LANE_PRIORITIES = {"interactive": 0, "bulk": 9}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -94,3 +112,18 @@ def queue_list_keys(queue: str) -> tuple[str, ...]:
     return tuple(
         f"{queue}{KOMBU_PRIORITY_SEP}{step}" if step else queue for step in KOMBU_PRIORITY_STEPS
     )
+
+
+def dead_letter_key(job_id: str) -> str:
+    """The JSON record of a job that finally failed (see ``DEAD_LETTERS_KEY``)."""
+    return f"{DEAD_LETTER_PREFIX}{job_id}"
+
+
+def rate_limit_keys(scope: str) -> tuple[str, str, str]:
+    """The limiter's keys for ``scope`` (a provider key and model): RPM, TPM and pause."""
+    base = f"{RATE_LIMIT_PREFIX}{scope}"
+    return (f"{base}:rpm", f"{base}:tpm", f"{base}:pause")
+
+
+def cache_key(digest: str) -> str:
+    return f"{CACHE_PREFIX}{digest}"

@@ -76,6 +76,12 @@ class Usage(_Frozen):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
 
 class Timings(_Frozen):
     created_at: datetime
@@ -102,6 +108,11 @@ class Envelope(_Frozen):
     model: str
     worker: str
     timings: Timings
+    #: Model calls made for this result: validation re-asks and retried requests included.
+    #: ``usage`` sums the tokens of all of them.
+    attempts: int = Field(default=1, ge=0)
+    #: Answered from the cache of identical temperature-0 requests (``usage`` is then zero).
+    cached: bool = False
 
     def encode(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -119,6 +130,9 @@ class Failure(_Frozen):
     raw_text: str | None = None
     finish_reason: str | None = None
     usage: Usage = Usage()
+    #: The model's output at every attempt, oldest first (``raw_text`` is the last one).
+    raw_outputs: tuple[str, ...] = ()
+    attempts: int = 0
 
     def encode(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -25,6 +25,11 @@ the caller's process, so nothing is sent. Failures on a worker travel back as st
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .contract import Usage
+
 
 class SibylqError(Exception):
     """Base class of every error sibylq raises."""
@@ -103,12 +108,18 @@ class JobFailedError(SibylqError):
         remote_type: str = "",
         raw_text: str | None = None,
         finish_reason: str | None = None,
+        raw_outputs: tuple[str, ...] = (),
+        usage: Usage | None = None,
     ) -> None:
         self.job_id = job_id
         self.remote_type = remote_type or type(self).__name__
         self.remote_message = message
         self.raw_text = raw_text
         self.finish_reason = finish_reason
+        #: What the model wrote at every attempt (validation re-asks included), oldest first.
+        self.raw_outputs = raw_outputs or ((raw_text,) if raw_text is not None else ())
+        #: Tokens the failed job used, over all its attempts.
+        self.usage = usage
         super().__init__(message)
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from .client import Client
+from .constants import LANE_PRIORITIES
 from .contract import GenConf, JobKind, JobSpec
 from .errors import ConfigurationError, InvalidRequestError, UnsupportedTargetError
 from .job import Job
@@ -23,6 +24,8 @@ from .targets import TEXT, Target, classify_target, json_target, target_for
 
 T = TypeVar("T")
 GenConfLike = GenConf | Mapping[str, Any] | None
+#: ``interactive`` jobs are served before ``bulk`` ones waiting on the same queue.
+Lane = Literal["interactive", "bulk"]
 
 
 class Models:
@@ -36,10 +39,12 @@ class Models:
         queue: str | None = None,
         client: Client | None = None,
         settings: Settings | None = None,
+        lane: Lane = "interactive",
     ) -> Model:
         """``ref`` is ``openai:<model>``, ``llamacpp:<name or path.gguf>`` or
         ``fake[:delay=<s>]``. ``genconf`` sets this model's default generation settings;
-        ``queue`` overrides the queue its jobs go to."""
+        ``queue`` overrides the queue its jobs go to; ``lane="bulk"`` lets interactive jobs
+        on the same workers go first (labeling runs use it)."""
         model_ref = parse_model_ref(ref)
         if model_ref.provider == "fake":
             _check_fake_options(model_ref)
@@ -48,20 +53,30 @@ class Models:
             client=client or Client(settings),
             genconf=merge_genconf(GenConf(), genconf),
             queue=queue or model_ref.queue,
+            lane=_checked_lane(lane),
         )
 
 
 class Model:
     """A model served by workers. Build with ``Models.create``."""
 
-    def __init__(self, ref: ModelRef, *, client: Client, genconf: GenConf, queue: str) -> None:
+    def __init__(
+        self,
+        ref: ModelRef,
+        *,
+        client: Client,
+        genconf: GenConf,
+        queue: str,
+        lane: Lane = "interactive",
+    ) -> None:
         self.ref = ref
         self.client = client
         self.genconf = genconf
         self.queue = queue
+        self.lane = lane
 
     def __repr__(self) -> str:
-        return f"<Model {self.ref} queue={self.queue!r}>"
+        return f"<Model {self.ref} queue={self.queue!r} lane={self.lane!r}>"
 
     def submit(
         self,
@@ -73,10 +88,12 @@ class Model:
         genconf: GenConfLike = None,
         job_id: str | None = None,
         once: bool = False,
+        lane: Lane | None = None,
     ) -> Job[Any]:
         """Validate, build and enqueue one job: the core every method shares. With ``once``
         (and a ``job_id``) a job id enqueued before is not enqueued again: the handle
-        attaches to it."""
+        attaches to it. ``lane`` overrides the model's lane for this job."""
+        priority = LANE_PRIORITIES[_checked_lane(lane or self.lane)]
         spec = JobSpec(
             model=str(self.ref),
             kind=kind,
@@ -86,9 +103,9 @@ class Model:
         )
         self.client.ensure_worker(self.ref, self.queue)
         if once and job_id is not None:
-            self.client.submit_once(spec, self.queue, job_id)
+            self.client.submit_once(spec, self.queue, job_id, priority=priority)
         else:
-            job_id = self.client.submit(spec, self.queue, job_id)
+            job_id = self.client.submit(spec, self.queue, job_id, priority=priority)
         return Job(job_id, client=self.client, target=target, model=spec.model, queue=self.queue)
 
     # -- async twins: enqueue now, return an awaitable handle ----------------------------
@@ -156,6 +173,12 @@ def merge_genconf(base: GenConf, override: GenConfLike) -> GenConf:
         return GenConf.model_validate({**base.model_dump(), **dict(fields)})
     except ValidationError as exc:
         raise InvalidRequestError(f"invalid genconf: {exc}") from exc
+
+
+def _checked_lane(lane: str) -> Lane:
+    if lane not in LANE_PRIORITIES:
+        raise InvalidRequestError(f"lane must be one of {sorted(LANE_PRIORITIES)}, not {lane!r}")
+    return lane  # type: ignore[return-value]
 
 
 def _check_fake_options(ref: ModelRef) -> None:

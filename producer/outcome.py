@@ -46,6 +46,8 @@ def failure_error(result: Any, job_id: str) -> JobFailedError:
                 remote_type=failure.type,
                 raw_text=failure.raw_text,
                 finish_reason=failure.finish_reason,
+                raw_outputs=failure.raw_outputs,
+                usage=failure.usage,
             )
     message = " ".join(map(str, args)) if isinstance(args, list | tuple) else str(args)
     return JobFailedError(

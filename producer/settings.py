@@ -5,10 +5,28 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
+
+
+class RateLimit(BaseModel):
+    """A provider's limits for one model: requests and tokens per minute (None: no limit)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+
+
+class Price(BaseModel):
+    """What one model costs, in dollars per million tokens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
 
 
 class Settings(BaseSettings):
@@ -51,7 +69,50 @@ class Settings(BaseSettings):
     llama_n_threads: int | None = Field(default=None, gt=0)
     openai_concurrency: int = Field(default=64, gt=0)
     openai_timeout_s: float = Field(default=120.0, gt=0)
-    openai_max_retries: int = Field(default=2, ge=0)
+    openai_max_retries: int = Field(
+        default=8,
+        ge=0,
+        description="Retries of a request that failed on a rate limit (429), a timeout, a "
+        "connection error or a 5xx, by sibylq (the SDK's own retries are off). A waiting job is "
+        "parked in Redis, not in a worker.",
+    )
+    retry_backoff_s: float = Field(
+        default=1.0, gt=0, description="First retry's backoff when the server names no delay."
+    )
+    retry_backoff_max_s: float = Field(default=60.0, gt=0, description="Longest backoff.")
+    rate_limits: dict[str, RateLimit] = Field(
+        default_factory=dict,
+        description='Fleet-wide limits per remote model, as JSON: {"gpt-4o-mini": {"rpm": 500, '
+        '"tpm": 200000}}; the key "*" applies to models not named. Enforced through Redis for '
+        "every worker sharing an endpoint and API key.",
+    )
+    rate_limit_max_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="A job waits in its worker this long at most for the rate limiter; longer "
+        "waits park it in Redis.",
+    )
+    reask_max: int = Field(
+        default=2,
+        ge=0,
+        description="Re-asks of a model whose output is not valid JSON for the schema, with "
+        "the error fed back.",
+    )
+    cache: bool = Field(
+        default=True,
+        description="Answer identical temperature-0 requests from a cache in Redis.",
+    )
+    cache_ttl_s: int = Field(default=24 * 3600, gt=0, description="How long answers stay cached.")
+    dead_letters_expire_s: int = Field(
+        default=30 * 24 * 3600,
+        gt=0,
+        description="How long a finally failed job stays listed by `sibylq failed`.",
+    )
+    prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description='Dollars per million tokens by model, as JSON: {"gpt-4o-mini": {"input": '
+        '0.15, "output": 0.6}}; `sibylq label` then reports the cost.',
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,

@@ -104,6 +104,9 @@ def worker_env(redis_server: RedisServer) -> dict[str, str]:
         **os.environ,
         "SIBYLQ_BROKER_URL": redis_server.url,
         "SIBYLQ_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
+        # The answer cache would answer the suite's many identical prompts without a worker;
+        # the tests of the cache (tests/producer/test_cache.py) turn it on.
+        "SIBYLQ_CACHE": "false",
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -115,6 +118,7 @@ def settings(redis_server: RedisServer) -> Settings:
         heartbeat_interval_s=HEARTBEAT_S,
         no_worker_timeout_s=3.0,
         broker_timeout_s=20.0,
+        cache=False,  # as in worker_env
     )
 
 
@@ -134,9 +138,10 @@ def start_worker(
 
     def start(*args: str, queue: str, env: dict[str, str] | None = None) -> Worker:
         log_path = logs / f"worker-{len(started)}.log"
-        worker = Worker(list(args), {**worker_env, **(env or {})}, log_path)
+        full_env = {**worker_env, **(env or {})}
+        worker = Worker(list(args), full_env, log_path)
         started.append(worker)
-        return worker.wait_ready(redis_server.url, queue)
+        return worker.wait_ready(full_env["SIBYLQ_BROKER_URL"], queue)
 
     yield start
     for worker in started:

@@ -8,11 +8,14 @@ from typing import Any
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
+from producer.client import Client
 from producer.constants import TASK_NAME
 from producer.settings import Settings, get_settings
 
 from .heartbeat import Heartbeat
 from .metrics import WorkerMetrics, process_exited
+from .parking import Promoter
+from .store import result_redis
 from .task import run_job
 
 
@@ -96,20 +99,21 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def _attach_observability(app: Celery, settings: Settings) -> None:
-    """Heartbeats and metrics, run by the worker's main process.
+    """Heartbeats, metrics and the promoter of parked jobs, run by the worker's main process.
 
     ``worker_init`` comes before the pool starts (prefork forks its children then): the
     metrics directory must exist by then for the children to write to it. ``worker_ready``
     comes once the pool and the consumer run: the metrics server and the heartbeat start,
     the heartbeat carrying the port actually bound (``SIBYLQ_METRICS_PORT=0``).
     """
-    beats: list[Heartbeat] = []
     exporters: list[WorkerMetrics] = []
+    running: list[WorkerMetrics | Heartbeat | Promoter] = []  # stopped last to first
 
     @signals.worker_init.connect(weak=False)
     def prepare(sender: Any, **_: Any) -> None:
         if sender.app is app:
             exporters.append(WorkerMetrics(settings))
+            running.append(exporters[-1])
 
     @signals.worker_ready.connect(weak=False)
     def start(sender: Any, **_: Any) -> None:
@@ -132,14 +136,14 @@ def _attach_observability(app: Celery, settings: Settings) -> None:
         )
         beat.beat()
         beat.start()
-        beats.append(beat)
+        promoter = Promoter(result_redis(settings), Client(settings).celery)
+        promoter.start()
+        running.extend((beat, promoter))
 
     @signals.worker_shutdown.connect(weak=False)
     def stop(sender: Any, **_: Any) -> None:
-        while beats:
-            beats.pop().stop()
-        while exporters:
-            exporters.pop().stop()
+        while running:
+            running.pop().stop()
 
     @signals.worker_process_shutdown.connect(weak=False)
     def process_exit(pid: int | None = None, **_: Any) -> None:

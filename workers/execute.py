@@ -1,44 +1,108 @@
-"""Run one job on a backend and package the outcome: the worker's pure core, no Celery here."""
+"""Run one job on a backend and package the outcome: the worker's pure core, no Celery here.
+
+Output that is not valid JSON for the job's schema is re-asked up to ``reask_max`` times: the
+model sees its answer and the validation error, and tries again. Every call's tokens are
+summed in ``Progress``, which also survives a job parked for a retry (``workers.parking``).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from producer.contract import Envelope, JobSpec, Timings
+from producer.contract import Envelope, JobSpec, Message, Timings, Usage
 from producer.errors import OutputValidationError
 from producer.modelref import parse_model_ref
 
 from .backends.base import Backend, Completion, CompletionRequest
 
+REASK_INSTRUCTION = (
+    "Your answer above is not valid: {error}. Answer again with only the corrected JSON value, "
+    "following the schema."
+)
 
-def execute(spec: JobSpec, backend: Backend, worker: str) -> Envelope:
-    """Complete ``spec`` with ``backend``; raises a SibylqError subclass when it fails."""
-    started = datetime.now(UTC)
-    ref = parse_model_ref(spec.model)
-    completion = backend.complete(
-        CompletionRequest(
-            model=ref.name,
-            messages=spec.messages,
-            json_schema=spec.json_schema,
-            genconf=spec.genconf,
-            options=ref.options,
+
+@dataclass
+class Progress:
+    """What a job's calls so far cost and produced; carried across parked retries as JSON."""
+
+    retries: int = 0
+    calls: int = 0
+    usage: Usage = field(default_factory=Usage)
+    raw_outputs: list[str] = field(default_factory=list)
+    started_at: datetime | None = None
+
+    def record(self, completion: Completion) -> None:
+        self.calls += 1
+        self.usage = self.usage + completion.usage
+        self.raw_outputs.append(completion.text)
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "retries": self.retries,
+            "calls": self.calls,
+            "usage": self.usage.model_dump(),
+            "raw_outputs": self.raw_outputs,
+            "started_at": None if self.started_at is None else self.started_at.isoformat(),
+        }
+
+    @classmethod
+    def decode(cls, data: dict[str, Any] | None) -> Progress:
+        if not data:
+            return cls()
+        started = data.get("started_at")
+        return cls(
+            retries=int(data.get("retries", 0)),
+            calls=int(data.get("calls", 0)),
+            usage=Usage.model_validate(data.get("usage") or {}),
+            raw_outputs=[str(text) for text in data.get("raw_outputs") or []],
+            started_at=None if started is None else datetime.fromisoformat(started),
         )
-    )
-    return Envelope(
-        value=decode_output(spec, completion),
-        raw_text=completion.text,
-        finish_reason=completion.finish_reason,
-        usage=completion.usage,
-        model=completion.model,
-        worker=worker,
-        timings=Timings(
-            created_at=spec.created_at, started_at=started, finished_at=datetime.now(UTC)
-        ),
+
+
+def execute(
+    spec: JobSpec, backend: Backend, worker: str, progress: Progress, reask_max: int = 0
+) -> Envelope:
+    """Complete ``spec`` with ``backend``; raises a SibylqError subclass when it fails, and
+    ``RetryLater`` (from the backend) when it should run again later."""
+    if progress.started_at is None:
+        progress.started_at = datetime.now(UTC)
+    ref = parse_model_ref(spec.model)
+    messages = spec.messages
+    for reask in range(reask_max + 1):
+        completion = backend.complete(
+            CompletionRequest(
+                model=ref.name,
+                messages=messages,
+                json_schema=spec.json_schema,
+                genconf=spec.genconf,
+                options=ref.options,
+            )
+        )
+        progress.record(completion)
+        try:
+            value = decode_output(spec, completion)
+        except OutputValidationError as exc:
+            # Output cut at max_tokens would be cut again: only a bigger budget helps.
+            if reask == reask_max or completion.finish_reason == "length":
+                raise _with_attempts(exc, progress) from None
+            messages = reask_messages(messages, completion.text, exc.remote_message)
+            continue
+        return _envelope(spec, completion, value, worker, progress)
+    raise AssertionError("unreachable: the last re-ask returns or raises")
+
+
+def reask_messages(messages: tuple[Message, ...], answer: str, error: str) -> tuple[Message, ...]:
+    """The conversation extended by the model's invalid answer and what was wrong with it."""
+    return (
+        *messages,
+        Message(role="assistant", content=answer),
+        Message(role="user", content=REASK_INSTRUCTION.format(error=error)),
     )
 
 
@@ -65,6 +129,26 @@ def decode_output(spec: JobSpec, completion: Completion) -> Any:
     return value
 
 
+def _envelope(
+    spec: JobSpec, completion: Completion, value: Any, worker: str, progress: Progress
+) -> Envelope:
+    assert progress.started_at is not None
+    return Envelope(
+        value=value,
+        raw_text=completion.text,
+        finish_reason=completion.finish_reason,
+        usage=progress.usage,
+        model=completion.model,
+        worker=worker,
+        timings=Timings(
+            created_at=spec.created_at,
+            started_at=progress.started_at,
+            finished_at=datetime.now(UTC),
+        ),
+        attempts=progress.calls,
+    )
+
+
 @lru_cache(maxsize=256)
 def _validator(schema_json: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema_json))
@@ -73,4 +157,15 @@ def _validator(schema_json: str) -> Draft202012Validator:
 def _invalid(message: str, completion: Completion) -> OutputValidationError:
     return OutputValidationError(
         message, raw_text=completion.text, finish_reason=completion.finish_reason
+    )
+
+
+def _with_attempts(exc: OutputValidationError, progress: Progress) -> OutputValidationError:
+    calls = progress.calls
+    message = exc.remote_message if calls == 1 else f"{exc.remote_message} (after {calls} tries)"
+    return OutputValidationError(
+        message,
+        raw_text=exc.raw_text,
+        finish_reason=exc.finish_reason,
+        raw_outputs=tuple(progress.raw_outputs),
     )

@@ -12,6 +12,12 @@ Every delivery first checks in with the result Redis, in one MULTI/EXEC (``begin
 - only then is STARTED stored (``task_track_started`` is off for this task: Celery would
   store STARTED before the task body runs, overwriting a stored FAILURE before the check
   above could see it).
+
+Then the job runs (``workers.execute``), unless the answer cache (``producer.cache``) already
+holds it. A backend's ``RetryLater`` parks the job in Redis (``workers.parking``): the message
+is acked, the stored state becomes RETRY, and a promoter re-enqueues it when due, carrying the
+tokens and outputs of its attempts so far. A job that finally fails is stored as a FAILURE and
+kept as a dead letter (``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``.
 """
 
 from __future__ import annotations
@@ -19,26 +25,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any, TypeVar
 
 import redis
 from celery import Task, states
 from celery.exceptions import Ignore
 
+from producer import cache as answers
+from producer import deadletters
 from producer.constants import FAILURES_RETENTION_S, attempts_key, failures_key, result_key
 from producer.contract import Envelope, Failure, JobSpec, Usage
-from producer.errors import JobFailedError, SibylqError
+from producer.deadletters import DeadLetter
+from producer.errors import BackendError, JobFailedError, SibylqError
 from producer.modelref import parse_model_ref
 from producer.outcome import FAILURE_CARRIER
 from producer.settings import Settings, get_settings
 
 from . import metrics
-from .backends import Backend, create_backend
-from .execute import execute
+from .backends import Backend, RetryLater, create_backend
+from .execute import Progress, execute
+from .parking import Parked, backoff_s, delay_after, park
+from .store import result_redis
 
 log = logging.getLogger(__name__)
 
@@ -58,52 +69,65 @@ class JobFailure(Exception):  # noqa: N818 - the name is part of the result cont
 assert JobFailure.__name__ == FAILURE_CARRIER
 
 
-@cache
+_backends: dict[str, Backend] = {}
+_backends_lock = threading.Lock()
+
+
 def backend_for(provider: str, settings: Settings) -> Backend:
-    """One backend per provider per worker process: models and HTTP clients load once."""
-    return create_backend(provider, settings)
+    """One backend per provider per worker process: models and HTTP clients load once.
+    (``settings`` are the process's own: they never change within it.)"""
+    with _backends_lock:
+        if provider not in _backends:
+            _backends[provider] = create_backend(provider, settings)
+        return _backends[provider]
 
 
-def run_job(task: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    """Celery entry point. Known failures become a JobFailure the producer can type.
+def run_job(
+    task: Task[Any, Any], payload: dict[str, Any], carry: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Celery entry point. Known failures become a JobFailure the producer can type, and a
+    dead letter (``producer.deadletters``); a job to retry later is parked (``workers.parking``).
 
+    ``carry`` is what earlier attempts of a parked job left (``workers.execute.Progress``).
     Every outcome is counted: in the worker's metrics (``workers.metrics``) and, for
     failures, per queue and minute in Redis (``count_failure``, read by ``sibylq status``).
     """
-    settings = get_settings()
-    run = _Run(settings, queue=queue_of(task))
+    run = _Run(task, payload, Progress.decode(carry))
     try:
         if task.request.id:
-            begin_delivery(task, task.request.id, settings)
-        envelope = run.execute(payload, worker=task.request.hostname or "unknown")
+            begin_delivery(task, task.request.id, run.settings)
+        envelope = run.execute()
     except Ignore:
         run.finish("skipped")
         raise
+    except RetryLater as exc:
+        raise run.retry_later(exc) from None
     except JobFailure as exc:
-        failure = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
-        run.failed(str(failure.get("type", "JobFailure")))
-        raise
+        raise run.failed(Failure.decode(exc.args[0])) from None
     except SibylqError as exc:
-        run.failed(type(exc).__name__)
-        raise JobFailure(_failure(exc).encode()) from exc
+        raise run.failed(_failure(exc, run.progress)) from exc
     except Exception as exc:  # a soft time limit, a bug: Celery stores it as the failure
-        run.failed(type(exc).__name__)
+        run.failed(Failure(type=type(exc).__name__, message=str(exc)))
         raise
     run.finish("succeeded", usage=envelope.usage)
     return envelope.encode()
 
 
 class _Run:
-    """One delivery's bookkeeping for the metrics and the failure counts."""
+    """One delivery: its job, its progress, and its bookkeeping (metrics, failure counts,
+    dead letters, parking)."""
 
-    def __init__(self, settings: Settings, queue: str) -> None:
-        self.settings = settings
-        self.queue = queue
+    def __init__(self, task: Task[Any, Any], payload: dict[str, Any], progress: Progress) -> None:
+        self.settings = get_settings()
+        self.task = task
+        self.payload = payload
+        self.progress = progress
+        self.queue = queue_of(task)
         self.model = "unknown"  # until the job decodes
         self.duration_s: float | None = None
 
-    def execute(self, payload: dict[str, Any], worker: str) -> Envelope:
-        spec = JobSpec.decode(payload)
+    def execute(self) -> Envelope:
+        spec = JobSpec.decode(self.payload)
         self.model = spec.model
         created = spec.created_at
         created = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
@@ -111,10 +135,21 @@ class _Run:
         metrics.record_started(self.settings, model=self.model, queue=self.queue, wait_s=wait_s)
         started = time.monotonic()
         try:
-            backend = backend_for(parse_model_ref(spec.model).provider, self.settings)
-            return execute(spec, backend, worker=worker)
+            return self._answer(spec)
         finally:
             self.duration_s = time.monotonic() - started
+
+    def _answer(self, spec: JobSpec) -> Envelope:
+        worker = _host(self.task)
+        store = result_redis(self.settings) if self.settings.cache else None
+        cached = None if store is None else answers.lookup(store, spec)
+        if cached is not None:
+            return cached.model_copy(update={"worker": worker})
+        backend = backend_for(parse_model_ref(spec.model).provider, self.settings)
+        envelope = execute(spec, backend, worker, self.progress, self.settings.reask_max)
+        if store is not None:
+            answers.store(store, spec, envelope, self.settings.cache_ttl_s)
+        return envelope
 
     def finish(self, status: str, *, error: str | None = None, usage: Usage | None = None) -> None:
         metrics.record_job(
@@ -127,9 +162,47 @@ class _Run:
             usage=usage,
         )
 
-    def failed(self, error: str) -> None:
-        self.finish("failed", error=error)
+    def failed(self, failure: Failure) -> JobFailure:
+        """Count the failure, record the dead letter; the carrier to raise."""
+        self.finish("failed", error=failure.type, usage=failure.usage)
         count_failure(self.settings, self.queue)
+        record_dead_letter(self.task, self.payload, failure, self.settings)
+        return JobFailure(failure.encode())
+
+    def retry_later(self, signal: RetryLater) -> Exception:
+        """Park the job for its retry (``Ignore``: acked, no result stored), or fail it when
+        its retries are used up."""
+        if signal.counts:
+            self.progress.retries += 1
+        retries, allowed = self.progress.retries, self.settings.openai_max_retries
+        if retries > allowed:
+            return self.failed(
+                _failure(
+                    BackendError(
+                        f"{signal.reason}; gave up after {allowed} retries "
+                        "(SIBYLQ_OPENAI_MAX_RETRIES)"
+                    ),
+                    self.progress,
+                )
+            )
+        if signal.delay_s is not None:
+            delay_s = delay_after(signal.delay_s)
+        else:
+            delay_s = backoff_s(retries, self.settings)
+        parked = Parked(
+            job_id=self.task.request.id or "",
+            queue=self.queue,
+            priority=priority_of(self.task),
+            payload=self.payload,
+            progress=self.progress.encode(),
+            reason=signal.reason,
+        )
+        _retrying(lambda: park(result_redis(self.settings), parked, delay_s, self.settings))
+        # Celery stores RETRY like a failure: an exception, type and message as strings.
+        waiting = RetryLater(f"{signal.reason}; retry {retries} in {delay_s:.2f} s")
+        self.task.update_state(state=states.RETRY, meta=waiting)  # type: ignore[arg-type]
+        self.finish("retrying" if signal.counts else "deferred")
+        return Ignore()
 
 
 def queue_of(task: Task[Any, Any]) -> str:
@@ -139,12 +212,41 @@ def queue_of(task: Task[Any, Any]) -> str:
     return str(info.get("routing_key") or "unknown")
 
 
+def priority_of(task: Task[Any, Any]) -> int:
+    """The delivery's priority (its lane: ``LANE_PRIORITIES``)."""
+    info = task.request.delivery_info or {}
+    return int(info.get("priority") or 0)
+
+
+def record_dead_letter(
+    task: Task[Any, Any], payload: dict[str, Any], failure: Failure, settings: Settings
+) -> None:
+    """Keep a finally failed job for ``sibylq failed`` / ``sibylq retry``. Best effort: the
+    failure itself is stored as the job's result whatever happens here."""
+    try:
+        letter = DeadLetter(
+            job_id=task.request.id or "",
+            queue=queue_of(task),
+            priority=priority_of(task),
+            job=JobSpec.decode(payload),
+            failure=failure,
+            failed_at=datetime.now(UTC),
+            worker=_host(task),
+        )
+    except SibylqError:
+        return  # not a job at all (a malformed message): nothing to retry
+    try:
+        deadletters.record(result_redis(settings), letter, settings.dead_letters_expire_s)
+    except redis.RedisError as exc:
+        log.warning("cannot record dead letter %s: %s", letter.job_id, exc)
+
+
 def count_failure(settings: Settings, queue: str) -> None:
     """Count a failure on ``queue`` for this minute, for ``sibylq status``. Best effort: a
     count lost to a Redis outage never changes the job's outcome."""
     key = failures_key(queue, int(time.time() // 60))
     try:
-        with _redis(settings.result_url).pipeline(transaction=False) as pipe:
+        with result_redis(settings).pipeline(transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, FAILURES_RETENTION_S)
             pipe.execute()
@@ -152,22 +254,31 @@ def count_failure(settings: Settings, queue: str) -> None:
         log.warning("cannot count a failure on %s in Redis: %s", queue, exc)
 
 
-def _failure(exc: SibylqError) -> Failure:
+def _failure(exc: SibylqError, progress: Progress) -> Failure:
+    raw_outputs = tuple(progress.raw_outputs)
     if isinstance(exc, JobFailedError):
         return Failure(
             type=type(exc).__name__,
             message=str(exc),
-            raw_text=exc.raw_text,
+            raw_text=exc.raw_text if exc.raw_text is not None else (raw_outputs or (None,))[-1],
             finish_reason=exc.finish_reason,
-            usage=Usage(),
+            usage=progress.usage,
+            raw_outputs=exc.raw_outputs or raw_outputs,
+            attempts=progress.calls,
         )
-    return Failure(type=type(exc).__name__, message=str(exc))
+    return Failure(
+        type=type(exc).__name__,
+        message=str(exc),
+        usage=progress.usage,
+        raw_outputs=raw_outputs,
+        attempts=progress.calls,
+    )
 
 
 def begin_delivery(task: Task[Any, Any], job_id: str, settings: Settings) -> None:
     """Check in before running: raises ``Ignore`` for a finished job, ``JobFailure`` for a
     job delivered too often, else stores STARTED (see the module docstring)."""
-    client = _redis(settings.result_url)
+    client = result_redis(settings)
     key = attempts_key(job_id)
 
     def check_in() -> list[Any]:
@@ -198,14 +309,6 @@ def begin_delivery(task: Task[Any, Any], job_id: str, settings: Settings) -> Non
         )
     # Celery's own STARTED meta, which job.status() and the tests read.
     task.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": _host(task)})
-
-
-@cache
-def _redis(url: str) -> redis.Redis:
-    # One client per process and URL; redis-py's pool reconnects after a fork by itself.
-    return redis.Redis.from_url(
-        url, client_name="sibylq-worker", socket_connect_timeout=5, socket_timeout=30
-    )
 
 
 def _retrying(operation: Callable[[], T]) -> T:

@@ -16,6 +16,7 @@ from typing import Any
 from ..contract import GenConf, JobKind
 from ..errors import InvalidRequestError
 from ..models import Model
+from ..pricing import price_for
 from ..targets import Target, classify_target, json_target, target_for
 from .output import OutputFile, Previous
 from .progress import Progress, Summary
@@ -114,7 +115,7 @@ async def label_file(
     else:
         scanned = output.scan()
         previous = Previous(done=scanned.done | set(scanned.failed))
-    summary = Summary()
+    summary = Summary(price=price_for(task.model.ref, task.model.client.settings))
     rows = read_rows(input_path, id_field=id_field)
     with output:
         try:

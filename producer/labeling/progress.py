@@ -9,6 +9,9 @@ from typing import IO, Protocol
 
 from tqdm import tqdm
 
+from ..contract import Usage
+from ..pricing import cost_usd
+from ..settings import Price
 from .results import LabelResult
 
 
@@ -20,6 +23,8 @@ class Summary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
+    #: The model's price (``SIBYLQ_PRICES``), to report the run's cost.
+    price: Price | None = None
 
     def add(self, result: LabelResult | None) -> None:
         if result is None:
@@ -44,11 +49,21 @@ class Summary:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def cost_usd(self) -> float | None:
+        """What the run's tokens cost (failed rows' and retries' included); None when the
+        model has no price."""
+        if self.price is None:
+            return None
+        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+        return cost_usd(usage, self.price)
+
     def line(self) -> str:
+        cost = "" if self.cost_usd is None else f", cost ${self.cost_usd:.4f}"
         return (
             f"done {self.done}, failed {self.failed}, skipped {self.skipped} in "
             f"{self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s), tokens {self.tokens} "
-            f"({self.prompt_tokens} prompt + {self.completion_tokens} completion)"
+            f"({self.prompt_tokens} prompt + {self.completion_tokens} completion){cost}"
         )
 
 

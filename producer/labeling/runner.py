@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 from redis.exceptions import RedisError
 
-from ..contract import GenConf, JobKind
+from ..contract import GenConf, JobKind, Usage
 from ..errors import InvalidRequestError, JobFailedError
 from ..job import Job
 from ..models import Model
@@ -127,6 +128,7 @@ def _start(
             genconf=task.genconf,
             job_id=row_job_id(fingerprint, row.key, attempt),
             once=True,
+            lane="bulk",
         )
     except InvalidRequestError as exc:
         return _done(_failed(row.key, row.line, "InvalidRow", f"line {row.line}: {exc}", attempt))
@@ -139,9 +141,10 @@ async def _collect(pending: _Pending) -> LabelResult:
         envelope = await job.envelope_async()
         value = job.value_of(envelope)
     except JobFailedError as exc:
-        return _failed(
+        failed = _failed(
             row.key, row.line, exc.remote_type, str(exc), pending.attempt, job.id, exc.raw_text
         )
+        return dataclasses.replace(failed, usage=exc.usage or Usage())
     return LabelResult(
         key=row.key,
         line=row.line,

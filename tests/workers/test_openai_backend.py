@@ -16,7 +16,7 @@ from producer.contract import GenConf, Message
 from producer.errors import BackendError, PromptTooLongError
 from producer.settings import Settings
 from tests.openai_stub import MODELS, OpenAIStub
-from workers.backends.base import CompletionRequest
+from workers.backends.base import CompletionRequest, RetryLater
 from workers.backends.openai_api import OpenAIBackend, forget_modes, remembered_mode
 
 API_KEY = "sk-test-0123456789abcdefghijklmnop"
@@ -47,8 +47,8 @@ def client(stub: OpenAIStub) -> openai.OpenAI:
 
 
 @pytest.fixture
-def backend(client: openai.OpenAI) -> OpenAIBackend:
-    return OpenAIBackend(Settings(), client=client)
+def backend(client: openai.OpenAI, settings: Settings) -> OpenAIBackend:
+    return OpenAIBackend(settings, client=client)
 
 
 def request(
@@ -153,9 +153,11 @@ def test_the_remembered_mode_is_per_model(backend: OpenAIBackend, stub: OpenAISt
     assert modes_sent(stub.requests) == ["json_schema", "tools", "json_schema"]
 
 
-def test_the_remembered_mode_is_shared_by_backends(client: openai.OpenAI, stub: OpenAIStub) -> None:
-    OpenAIBackend(Settings(), client=client).complete(request("stub-no-json-schema", PERSON))
-    OpenAIBackend(Settings(), client=client).complete(request("stub-no-json-schema", PERSON))
+def test_the_remembered_mode_is_shared_by_backends(
+    client: openai.OpenAI, stub: OpenAIStub, settings: Settings
+) -> None:
+    OpenAIBackend(settings, client=client).complete(request("stub-no-json-schema", PERSON))
+    OpenAIBackend(settings, client=client).complete(request("stub-no-json-schema", PERSON))
 
     assert modes_sent(stub.requests) == ["json_schema", "tools", "tools"]
 
@@ -262,13 +264,17 @@ def test_a_context_length_error_on_a_text_job_is_prompt_too_long(backend: OpenAI
         backend.complete(request("stub-context"))
 
 
-@pytest.mark.parametrize("status", [401, 503])
-@pytest.mark.parametrize("schema", [None, PERSON])
-def test_other_http_errors_are_backend_errors_without_the_key(
+@pytest.mark.parametrize(
+    ("status", "schema"),
+    # A 400 on a structured request reads as a refused mode (tested above).
+    [(400, None), *((status, schema) for status in (401, 403, 404) for schema in (None, PERSON))],
+)
+def test_client_errors_fail_at_once_without_the_key(
     backend: OpenAIBackend, stub: OpenAIStub, status: int, schema: dict[str, Any] | None
 ) -> None:
+    model = f"stub-status-{status}"
     with pytest.raises(BackendError) as raised:
-        backend.complete(request(f"stub-status-{status}", schema))
+        backend.complete(request(model, schema))
 
     message = str(raised.value)
     assert message.startswith(f"{status} from {stub.base_url}/chat/completions: ")
@@ -291,51 +297,57 @@ def test_a_key_echoed_by_the_server_is_redacted(
     assert "***" in str(raised.value)
 
 
-def test_a_probe_retries_a_transient_error_with_the_clients_retries(stub: OpenAIStub) -> None:
-    client = openai.OpenAI(base_url=stub.base_url, api_key=API_KEY, max_retries=1, timeout=5)
+@pytest.mark.parametrize("status", [408, 409, 500, 502, 503, 504])
+@pytest.mark.parametrize("schema", [None, PERSON])
+def test_transient_http_errors_ask_for_a_retry_after_one_request(
+    backend: OpenAIBackend, stub: OpenAIStub, status: int, schema: dict[str, Any] | None
+) -> None:
+    with pytest.raises(RetryLater) as raised:
+        backend.complete(request(f"stub-status-{status}", schema))
 
-    with pytest.raises(BackendError, match="503"):
-        OpenAIBackend(Settings(), client=client).complete(request("stub-status-503", PERSON))
+    assert raised.value.reason.startswith(f"{status} from {stub.base_url}/chat/completions: ")
+    assert raised.value.counts
+    assert API_KEY not in raised.value.reason
+    assert len(stub.requests) == 1  # the SDK's own retries are off: sibylq retries, fleet-wide
 
-    # the probe (no retries), then the same mode with the rest of the client's retries
-    assert len(stub.requests) == 2
 
-
-def test_an_unreachable_endpoint_is_a_backend_error() -> None:
+def test_an_unreachable_endpoint_asks_for_a_retry(settings: Settings) -> None:
     with OpenAIStub() as gone:
         base_url = gone.base_url
     client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=5)
 
-    with pytest.raises(BackendError, match="cannot reach") as raised:
-        OpenAIBackend(Settings(), client=client).complete(request())
+    with pytest.raises(RetryLater, match="cannot reach") as raised:
+        OpenAIBackend(settings, client=client).complete(request())
 
-    assert API_KEY not in str(raised.value)
+    assert API_KEY not in raised.value.reason
 
 
-def test_a_timeout_is_a_backend_error(stub: OpenAIStub) -> None:
+def test_a_timeout_asks_for_a_retry(stub: OpenAIStub, settings: Settings) -> None:
     client = openai.OpenAI(base_url=stub.base_url, api_key=API_KEY, max_retries=0, timeout=0.2)
+    quick = settings.model_copy(update={"openai_timeout_s": 0.2})
 
-    with pytest.raises(BackendError, match="timed out"):
-        OpenAIBackend(Settings(), client=client).complete(request("stub-slow-1000"))
+    with pytest.raises(RetryLater, match=r"no answer .* within 0\.2 s"):
+        OpenAIBackend(quick, client=client).complete(request("stub-slow-1000"))
 
 
 # -- the default client -------------------------------------------------------------------------
 
 
 def test_the_default_client_is_shared_and_built_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch, stub: OpenAIStub
+    monkeypatch: pytest.MonkeyPatch, stub: OpenAIStub, settings: Settings
 ) -> None:
     import workers.backends.openai_api as module
 
     monkeypatch.setattr(module, "_client", None)
     monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    settings = Settings(openai_timeout_s=7, openai_max_retries=0)
+    configured = settings.model_copy(update={"openai_timeout_s": 7, "openai_max_retries": 5})
 
-    first, second = OpenAIBackend(settings), OpenAIBackend(settings)
+    first, second = OpenAIBackend(configured), OpenAIBackend(configured)
 
     assert first._client is second._client
     assert first._client.api_key == module.PLACEHOLDER_API_KEY
+    # The SDK never retries: sibylq does (SIBYLQ_OPENAI_MAX_RETRIES), fleet-wide.
     assert (first._client.timeout, first._client.max_retries) == (7, 0)
     assert first.complete(request()).text == "stub reply: Who is it?"
 

@@ -26,7 +26,23 @@ class Completion:
     model: str
 
 
+class RetryLater(Exception):  # noqa: N818 - a signal, not an error
+    """A transient failure (rate limit, timeout, 5xx) or no capacity yet: run the job again later.
+
+    ``delay_s`` is what the server (``Retry-After``) or the rate limiter asked for; None lets
+    the caller back off exponentially. ``counts`` is False when nothing failed (the fleet's
+    rate limiter had no capacity yet): such a wait never uses up the job's retries.
+    """
+
+    def __init__(self, reason: str, *, delay_s: float | None = None, counts: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_s = delay_s
+        self.counts = counts
+
+
 class Backend(Protocol):
-    """Runs one completion. Raises producer.errors.JobFailedError subclasses on failure."""
+    """Runs one completion. Raises producer.errors.JobFailedError subclasses on failure, and
+    ``RetryLater`` when the same request may succeed later."""
 
     def complete(self, request: CompletionRequest) -> Completion: ...

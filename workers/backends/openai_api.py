@@ -19,6 +19,14 @@ A mode counts as refused when the server answers 400 or 422, or 500 with an erro
 ``response_format``, ``json_schema`` or ``tool`` (llama_cpp.server answers ``json_schema`` that
 way). A context-length error is never a refusal. The mode that worked is remembered per
 ``(base_url, model)``, so later jobs go straight to it.
+
+Every request first takes its place in the fleet-wide rate limiter (``workers.ratelimit``):
+the limits of ``SIBYLQ_RATE_LIMITS`` and any pause a 429 imposed, shared through Redis by all
+workers using the same endpoint, API key and model. A 429, a timeout, a connection error or a
+5xx raises ``RetryLater`` with the delay the server named (``retry_after``): the job is parked
+and retried by sibylq, never by the SDK (its retries are off). A 429 also pauses everyone
+sharing the scope until then. Other errors (400, 401, 404, a prompt too long, an exhausted
+quota) fail at once.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,9 +43,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessage
 
 from producer.contract import GenConf, Message, Usage
 from producer.errors import BackendError, JobFailedError, PromptTooLongError
-from producer.settings import Settings
+from producer.settings import RateLimit, Settings
 
-from .base import Completion, CompletionRequest
+from ..ratelimit import RateLimiter, estimate_tokens, scope_for
+from ..store import result_redis
+from .base import Completion, CompletionRequest, RetryLater
+from .retry_after import server_delay_s
 
 Mode = Literal["json_schema", "tools", "json_object"]
 
@@ -52,34 +64,32 @@ _REFUSAL_STATUSES = frozenset({400, 422})
 _REFUSAL_WORDS = ("response_format", "json_schema", "tool")
 _CONTEXT_WORDS = ("maximum context length", "context window", "context length")
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
+_QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 
 
 class OpenAIBackend:
     """Runs completions against an OpenAI-compatible endpoint."""
 
-    def __init__(self, settings: Settings, client: openai.OpenAI | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: openai.OpenAI | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self._settings = settings
         self._client = client if client is not None else shared_client(settings)
-        # Probing a mode the endpoint may refuse goes without retries: llama_cpp.server refuses
-        # json_schema with a 500 that the SDK would retry, with backoff. A transient failure of
-        # the probe is then retried with what is left of the client's retries.
-        retries = self._client.max_retries
-        self._probe_client = self._client.with_options(max_retries=0) if retries else None
-        self._retry_client = self._client.with_options(max_retries=max(retries - 1, 0))
+        self._limiter = limiter if limiter is not None else RateLimiter(result_redis(settings))
         self._base_url = _key_url(str(self._client.base_url))
         self._endpoint = _redact_url(self._base_url + "/chat/completions")
 
     def complete(self, request: CompletionRequest) -> Completion:
         try:
             if request.json_schema is None:
-                response = self._create(self._client, _text_kwargs(request))
+                response = self._send(request, _text_kwargs(request), structured=False)
                 return _completion(response, request, tool_call=False)
             return self._complete_structured(request, request.json_schema)
         except openai.APIStatusError as exc:
             raise self._status_error(exc, request.model) from exc
-        except openai.APITimeoutError as exc:
-            raise BackendError(f"timed out waiting for {self._endpoint}") from exc
-        except openai.APIConnectionError as exc:
-            raise BackendError(f"cannot reach {self._endpoint}: {self._redact(str(exc))}") from exc
 
     def _complete_structured(
         self, request: CompletionRequest, schema: dict[str, Any]
@@ -90,7 +100,7 @@ class OpenAIBackend:
         last: openai.APIStatusError | None = None
         for mode in order:
             try:
-                response = self._attempt(_mode_kwargs(mode, request, schema), probe=mode != known)
+                response = self._send(request, _mode_kwargs(mode, request, schema), structured=True)
             except openai.APIStatusError as exc:
                 if not _refuses_mode(exc):
                     raise
@@ -105,30 +115,65 @@ class OpenAIBackend:
             f"{last.status_code}: {self._redact(_error_text(last))}"
         ) from last
 
-    def _attempt(self, kwargs: dict[str, Any], *, probe: bool) -> ChatCompletion:
-        """One mode's request. A probe goes without retries, then retries a transient failure."""
-        if not probe or self._probe_client is None:
-            return self._create(self._client, kwargs)
+    def _send(
+        self, request: CompletionRequest, kwargs: dict[str, Any], *, structured: bool
+    ) -> ChatCompletion:
+        """One HTTP request, paced by the fleet's rate limiter. A failure that may pass raises
+        ``RetryLater``; a refused structured output mode or a permanent error propagates."""
+        scope = scope_for(self._base_url, self._client.api_key, request.model)
+        limits = self._limits(request.model)
+        estimate = estimate_tokens(request.messages, request.genconf.max_tokens)
+        self._take_turn(scope, request.model, limits, estimate)
         try:
-            return self._create(self._probe_client, kwargs)
+            response: ChatCompletion = self._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
-            if _refuses_mode(exc) or not _is_transient(exc):
+            self._limiter.reconcile(scope, limits, estimate, 0)  # refused: no tokens used
+            permanent = not _is_transient(exc) or _is_quota_error(exc)
+            if permanent or (structured and _refuses_mode(exc)):
                 raise
-        except openai.APITimeoutError:
-            raise
-        except openai.APIConnectionError:
-            pass
-        return self._create(self._retry_client, kwargs)
-
-    @staticmethod
-    def _create(client: openai.OpenAI, kwargs: dict[str, Any]) -> ChatCompletion:
-        response: ChatCompletion = client.chat.completions.create(**kwargs)
+            raise self._retry_later(exc, scope) from exc
+        except openai.APITimeoutError as exc:
+            timeout = self._settings.openai_timeout_s
+            raise RetryLater(f"no answer from {self._endpoint} within {timeout:g} s") from exc
+        except openai.APIConnectionError as exc:
+            reason = f"cannot reach {self._endpoint}: {self._redact(str(exc))}"
+            raise RetryLater(reason) from exc
+        used = response.usage.total_tokens if response.usage else estimate
+        self._limiter.reconcile(scope, limits, estimate, used)
         return response
+
+    def _take_turn(self, scope: str, model: str, limits: RateLimit, tokens: int) -> None:
+        """Wait for this request's turn in the fleet's limits, or park the job if it is far."""
+        grant = self._limiter.acquire(
+            scope, limits, tokens, max_wait_s=self._settings.rate_limit_max_wait_s
+        )
+        if not grant.reserved:
+            reason = f"waiting for the rate limit (or a 429 pause) of {model!r}"
+            raise RetryLater(reason, delay_s=grant.wait_s, counts=False)
+        if grant.wait_s > 0:
+            time.sleep(grant.wait_s)
+
+    def _retry_later(self, exc: openai.APIStatusError, scope: str) -> RetryLater:
+        delay = server_delay_s(exc.response.headers)
+        reason = f"{exc.status_code} from {self._endpoint}: {self._redact(_error_text(exc))}"
+        if exc.status_code == 429:
+            # Everyone sharing this key and model waits, not just this job.
+            pause_s = delay if delay is not None else self._settings.retry_backoff_s
+            self._limiter.pause(scope, pause_s)
+        return RetryLater(reason, delay_s=delay)
+
+    def _limits(self, model: str) -> RateLimit:
+        limits = self._settings.rate_limits
+        return limits.get(model) or limits.get("*") or _NO_LIMITS
 
     def _status_error(self, exc: openai.APIStatusError, model: str) -> JobFailedError:
         text = self._redact(_error_text(exc))
         if _is_context_error(exc):
             return PromptTooLongError(f"prompt too long for {model!r} at {self._endpoint}: {text}")
+        if _is_quota_error(exc):
+            return BackendError(
+                f"the API key's quota is used up at {self._endpoint} ({exc.status_code}): {text}"
+            )
         return BackendError(f"{exc.status_code} from {self._endpoint}: {text}")
 
     def _redact(self, text: str) -> str:
@@ -136,6 +181,9 @@ class OpenAIBackend:
         if key and key != PLACEHOLDER_API_KEY:
             text = text.replace(key, "***")
         return text
+
+
+_NO_LIMITS = RateLimit()
 
 
 # -- the shared client ------------------------------------------------------------------------
@@ -153,7 +201,7 @@ def shared_client(settings: Settings) -> openai.OpenAI:
                 api_key=os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY,
                 base_url=os.environ.get("OPENAI_BASE_URL") or None,
                 timeout=settings.openai_timeout_s,
-                max_retries=settings.openai_max_retries,
+                max_retries=0,  # sibylq retries, fleet-wide (see the module docstring)
             )
         return _client
 
@@ -318,6 +366,11 @@ def _refuses_mode(exc: openai.APIStatusError) -> bool:
 
 def _is_transient(exc: openai.APIStatusError) -> bool:
     return exc.status_code in _TRANSIENT_STATUSES or exc.status_code >= 500
+
+
+def _is_quota_error(exc: openai.APIStatusError) -> bool:
+    """A 429 that waiting won't cure: the account's quota or billing limit is used up."""
+    return exc.code in _QUOTA_CODES
 
 
 def _key_url(base_url: str) -> str:

@@ -1,0 +1,22 @@
+"""The worker process's one client of the result Redis: results, delivery check-ins, parked
+jobs, the rate limiter, the answer cache and dead letters all go through it."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import redis
+
+from producer.settings import Settings
+
+
+def result_redis(settings: Settings) -> redis.Redis:
+    return _redis(settings.result_url)
+
+
+@cache
+def _redis(url: str) -> redis.Redis:
+    # One client per process and URL; redis-py's pool reconnects after a fork by itself.
+    return redis.Redis.from_url(
+        url, client_name="sibylq-worker", socket_connect_timeout=5, socket_timeout=30
+    )
