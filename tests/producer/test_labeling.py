@@ -63,6 +63,24 @@ class TestCommand:
         assert all(r["prompt_tokens"] > 0 and r["latency_s"] > 0 for r in records)
         assert "done 30, failed 0, skipped 0" in result.stderr
 
+    def test_the_summary_sums_tokens_and_prices_them(
+        self, env: dict[str, str], tmp_path: Path
+    ) -> None:
+        source = _write_jsonl(tmp_path / "in.jsonl", _sms(10))
+        out = tmp_path / "out.jsonl"
+        priced = {**env, "SIBYLQ_PRICES": '{"fake": {"input": 1000000, "output": 2000000}}'}
+        result = _label(priced, str(source), "--model", "fake", "--classify", "spam,ham",
+                        "--prompt", PROMPT, "-o", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        records = _records(out)
+        prompt = sum(r["prompt_tokens"] for r in records)
+        completion = sum(r["completion_tokens"] for r in records)
+        # $1 per prompt token, $2 per completion token: the cost is plain to check.
+        assert f"tokens {prompt + completion} ({prompt} prompt + {completion} completion)" in (
+            result.stderr
+        )
+        assert f"cost ${prompt + 2 * completion:.4f}" in result.stderr
+
     def test_a_rerun_skips_finished_rows_and_labels_new_ones(
         self, env: dict[str, str], tmp_path: Path
     ) -> None:
