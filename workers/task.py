@@ -1,6 +1,6 @@
 """The one Celery task: decode a job, run it on this process's backend, store the envelope.
 
-Every delivery first checks in with the result Redis, in one MULTI/EXEC (``begin_delivery``):
+Every delivery first checks in with the result Redis, in one Lua call (``begin_delivery``):
 
 - a job whose result is already stored is not run again: its message was redelivered after
   the job finished but before it was acknowledged (worker lost between the two, broker
@@ -54,9 +54,6 @@ from .store import result_redis
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Stored states after which a job never runs again.
-FINAL_STATES = frozenset({states.SUCCESS, states.FAILURE, states.REVOKED})
 
 
 class JobFailure(Exception):  # noqa: N818 - the name is part of the result contract
@@ -275,24 +272,49 @@ def _failure(exc: SibylqError, progress: Progress) -> Failure:
     )
 
 
+# KEYS: result, attempts. ARGV: attempts expiry (s), max deliveries, STARTED meta (JSON),
+# result expiry (s). Returns {stored result or false, attempts, 1 if already finished}.
+_CHECK_IN = """
+local attempts = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, meta = pcall(cjson.decode, stored)
+  if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
+      or meta.status == 'REVOKED') then
+    return {stored, attempts, 1}
+  end
+end
+if attempts <= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+  redis.call('PUBLISH', KEYS[1], ARGV[3])
+end
+return {stored or false, attempts, 0}
+"""
+
+
 def begin_delivery(task: Task[Any, Any], job_id: str, settings: Settings) -> None:
-    """Check in before running: raises ``Ignore`` for a finished job, ``JobFailure`` for a
-    job delivered too often, else stores STARTED (see the module docstring)."""
+    """Check in before running, in one Lua call (one round trip): raises ``Ignore`` for a
+    finished job, ``JobFailure`` for a job delivered too often, else stores STARTED as
+    Celery's backend would (see the module docstring)."""
+    started = json.dumps(
+        {
+            "status": states.STARTED,
+            "result": {"pid": os.getpid(), "hostname": _host(task)},
+            "traceback": None,
+            "children": [],
+            "date_done": None,
+            "task_id": job_id,
+        }
+    )
+    keys_and_args = (result_key(job_id), attempts_key(job_id), settings.result_expires_s,
+                     settings.max_deliveries, started, settings.result_expires_s)  # fmt: skip
     client = result_redis(settings)
-    key = attempts_key(job_id)
-
-    def check_in() -> list[Any]:
-        with client.pipeline(transaction=True) as pipe:
-            pipe.get(result_key(job_id))
-            pipe.incr(key)
-            pipe.expire(key, settings.result_expires_s)
-            return pipe.execute()
-
-    stored, attempts, _ = _retrying(check_in)
+    stored, attempts, finished = _retrying(lambda: client.eval(_CHECK_IN, 2, *keys_and_args))
     if attempts > 1:
         metrics.record_redelivery(settings, queue_of(task))
-    state = _stored_state(stored)
-    if state in FINAL_STATES:
+    if finished:
+        state = _stored_state(stored)
         log.warning("job %s already finished (%s): not running it again", job_id, state)
         raise Ignore()
     if attempts > settings.max_deliveries:
@@ -307,8 +329,6 @@ def begin_delivery(task: Task[Any, Any], job_id: str, settings: Settings) -> Non
                 ),
             ).encode()
         )
-    # Celery's own STARTED meta, which job.status() and the tests read.
-    task.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": _host(task)})
 
 
 def _retrying(operation: Callable[[], T]) -> T:
