@@ -235,8 +235,16 @@ class Subscription:
             stored = self._redis.get(self._key)
             if stored is not None:
                 return stored
-            message = self._pubsub.get_message(timeout=seconds)
-            return None if message is None else message["data"]
+            return self._next_message(time.monotonic() + seconds)
         except redis.RedisError:
             time.sleep(min(seconds, 1.0))
             return UNREACHABLE
+
+    def _next_message(self, deadline: float) -> Any:
+        # get_message returns None for the subscribe confirmation too: keep reading until
+        # a published value or the deadline, so a wait costs no extra round trips.
+        while (left := deadline - time.monotonic()) > 0:
+            message = self._pubsub.get_message(timeout=left)
+            if message is not None:
+                return message["data"]
+        return None

@@ -9,6 +9,9 @@ import redis
 
 from producer.settings import Settings
 
+#: Connections a worker process may open to the result Redis (one per busy thread at most).
+MAX_CONNECTIONS = 4096
+
 
 def result_redis(settings: Settings) -> redis.Redis:
     return _redis(settings.result_url)
@@ -17,6 +20,12 @@ def result_redis(settings: Settings) -> redis.Redis:
 @cache
 def _redis(url: str) -> redis.Redis:
     # One client per process and URL; redis-py's pool reconnects after a fork by itself.
+    # A threads pool runs up to its concurrency (256 and more) of Redis calls at once:
+    # redis-py's default cap of 100 connections would fail the rest.
     return redis.Redis.from_url(
-        url, client_name="sibylq-worker", socket_connect_timeout=5, socket_timeout=30
+        url,
+        client_name="sibylq-worker",
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        max_connections=MAX_CONNECTIONS,
     )

@@ -274,6 +274,7 @@ def _failure(exc: SibylqError, progress: Progress) -> Failure:
 
 # KEYS: result, attempts. ARGV: attempts expiry (s), max deliveries, STARTED meta (JSON),
 # result expiry (s). Returns {stored result or false, attempts, 1 if already finished}.
+# STARTED is not PUBLISHed: waiters wake for final results only; job.status() reads the key.
 _CHECK_IN = """
 local attempts = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
@@ -287,7 +288,6 @@ if stored then
 end
 if attempts <= tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
-  redis.call('PUBLISH', KEYS[1], ARGV[3])
 end
 return {stored or false, attempts, 0}
 """
