@@ -18,6 +18,7 @@ import redis
 
 from .constants import cache_key, result_key
 from .contract import Envelope, JobSpec, Timings, Usage
+from .outcome import result_meta
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,7 @@ def store(client: redis.Redis, spec: JobSpec, envelope: Envelope, ttl_s: int) ->
 def store_as_result(client: redis.Redis, job_id: str, envelope: Envelope, expires_s: int) -> None:
     """Store ``envelope`` as job ``job_id``'s successful result, the way a worker's Celery
     result backend does (same JSON, same key, announced on the same channel)."""
-    meta = json.dumps(
-        {
-            "status": "SUCCESS",
-            "result": envelope.encode(),
-            "traceback": None,
-            "children": [],
-            "date_done": datetime.now(UTC).isoformat(),
-            "task_id": job_id,
-        }
-    )
+    meta = result_meta(job_id, "SUCCESS", envelope.encode())
     with client.pipeline(transaction=True) as pipe:
         pipe.set(result_key(job_id), meta, ex=expires_s)
         pipe.publish(result_key(job_id), meta)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 from .contract import Envelope, Failure
@@ -14,6 +16,24 @@ from .errors import (
 
 #: The exception type the worker raises to carry a Failure (see workers.task).
 FAILURE_CARRIER = "JobFailure"
+
+#: Celery's states after which a job never changes again.
+READY = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def result_meta(job_id: str, status: str, result: Any) -> str:
+    """A result as Celery's Redis backend stores it (for results sibylq writes itself)."""
+    done = datetime.now(UTC).isoformat() if status in READY else None
+    return json.dumps(
+        {
+            "status": status,
+            "result": result,
+            "traceback": None,
+            "children": [],
+            "date_done": done,
+            "task_id": job_id,
+        }
+    )
 
 
 def envelope_from_meta(meta: dict[str, Any], job_id: str) -> Envelope:

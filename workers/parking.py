@@ -28,6 +28,8 @@ from celery import Celery
 from producer.constants import DELAYED_KEY, DELAYED_LEASED_KEY, TASK_NAME, attempts_key
 from producer.settings import Settings
 
+from .store import script
+
 log = logging.getLogger(__name__)
 
 #: How often each worker looks for due jobs.
@@ -88,16 +90,11 @@ class Parked:
         return cls(**json.loads(raw))
 
 
-def park(client: redis.Redis, parked: Parked, delay_s: float, settings: Settings) -> None:
+def park(parked: Parked, delay_s: float, settings: Settings) -> None:
     """Park ``parked`` for ``delay_s`` seconds (from now, in Redis time)."""
-    client.eval(
-        _PARK,
-        2,
-        DELAYED_KEY,
-        attempts_key(parked.job_id),
-        parked.encode(),
-        max(0, round(delay_s * 1000)),
-        settings.result_expires_s,
+    script(settings, _PARK)(
+        keys=[DELAYED_KEY, attempts_key(parked.job_id)],
+        args=[parked.encode(), max(0, round(delay_s * 1000)), settings.result_expires_s],
     )
 
 

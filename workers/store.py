@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import cache
 
 import redis
+from redis.commands.core import Script
 
 from producer.settings import Settings
 
@@ -15,6 +16,16 @@ MAX_CONNECTIONS = 4096
 
 def result_redis(settings: Settings) -> redis.Redis:
     return _redis(settings.result_url)
+
+
+def script(settings: Settings, source: str) -> Script:
+    """A Lua script on the result Redis, sent once and then called by its SHA."""
+    return _script(settings.result_url, source)
+
+
+@cache
+def _script(url: str, source: str) -> Script:
+    return _redis(url).register_script(source)
 
 
 @cache

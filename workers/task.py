@@ -42,14 +42,14 @@ from producer.contract import Envelope, Failure, JobSpec, Usage
 from producer.deadletters import DeadLetter
 from producer.errors import BackendError, JobFailedError, SibylqError
 from producer.modelref import parse_model_ref
-from producer.outcome import FAILURE_CARRIER
+from producer.outcome import FAILURE_CARRIER, result_meta
 from producer.settings import Settings, get_settings
 
 from . import metrics
 from .backends import Backend, RetryLater, create_backend
 from .execute import Progress, execute
 from .parking import Parked, backoff_s, delay_after, park
-from .store import result_redis
+from .store import result_redis, script
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,11 @@ class _Run:
         self.progress = progress
         self.queue = queue_of(task)
         self.model = "unknown"  # until the job decodes
+        self.spec: JobSpec | None = None
         self.duration_s: float | None = None
 
     def execute(self) -> Envelope:
-        spec = JobSpec.decode(self.payload)
+        spec = self.spec = JobSpec.decode(self.payload)
         self.model = spec.model
         created = spec.created_at
         created = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
@@ -163,8 +164,19 @@ class _Run:
         """Count the failure, record the dead letter; the carrier to raise."""
         self.finish("failed", error=failure.type, usage=failure.usage)
         count_failure(self.settings, self.queue)
-        record_dead_letter(self.task, self.payload, failure, self.settings)
+        job = self._job()
+        if job is not None:  # a malformed message is no job: nothing to retry
+            record_dead_letter(self.task, job, failure, self.settings)
         return JobFailure(failure.encode())
+
+    def _job(self) -> JobSpec | None:
+        """The job, decoded once (a delivery can fail before it ran: poison jobs)."""
+        if self.spec is None:
+            try:
+                self.spec = JobSpec.decode(self.payload)
+            except SibylqError:
+                return None
+        return self.spec
 
     def retry_later(self, signal: RetryLater) -> Exception:
         """Park the job for its retry (``Ignore``: acked, no result stored), or fail it when
@@ -194,7 +206,7 @@ class _Run:
             progress=self.progress.encode(),
             reason=signal.reason,
         )
-        _retrying(lambda: park(result_redis(self.settings), parked, delay_s, self.settings))
+        _retrying(lambda: park(parked, delay_s, self.settings))
         # Celery stores RETRY like a failure: an exception, type and message as strings.
         waiting = RetryLater(f"{signal.reason}; retry {retries} in {delay_s:.2f} s")
         self.task.update_state(state=states.RETRY, meta=waiting)  # type: ignore[arg-type]
@@ -216,22 +228,19 @@ def priority_of(task: Task[Any, Any]) -> int:
 
 
 def record_dead_letter(
-    task: Task[Any, Any], payload: dict[str, Any], failure: Failure, settings: Settings
+    task: Task[Any, Any], job: JobSpec, failure: Failure, settings: Settings
 ) -> None:
     """Keep a finally failed job for ``sibylq failed`` / ``sibylq retry``. Best effort: the
     failure itself is stored as the job's result whatever happens here."""
-    try:
-        letter = DeadLetter(
-            job_id=task.request.id or "",
-            queue=queue_of(task),
-            priority=priority_of(task),
-            job=JobSpec.decode(payload),
-            failure=failure,
-            failed_at=datetime.now(UTC),
-            worker=_host(task),
-        )
-    except SibylqError:
-        return  # not a job at all (a malformed message): nothing to retry
+    letter = DeadLetter(
+        job_id=task.request.id or "",
+        queue=queue_of(task),
+        priority=priority_of(task),
+        job=job,
+        failure=failure,
+        failed_at=datetime.now(UTC),
+        worker=_host(task),
+    )
     try:
         deadletters.record(result_redis(settings), letter, settings.dead_letters_expire_s)
     except redis.RedisError as exc:
@@ -297,20 +306,12 @@ def begin_delivery(task: Task[Any, Any], job_id: str, settings: Settings) -> Non
     """Check in before running, in one Lua call (one round trip): raises ``Ignore`` for a
     finished job, ``JobFailure`` for a job delivered too often, else stores STARTED as
     Celery's backend would (see the module docstring)."""
-    started = json.dumps(
-        {
-            "status": states.STARTED,
-            "result": {"pid": os.getpid(), "hostname": _host(task)},
-            "traceback": None,
-            "children": [],
-            "date_done": None,
-            "task_id": job_id,
-        }
+    started = result_meta(job_id, states.STARTED, {"pid": os.getpid(), "hostname": _host(task)})
+    args = (settings.result_expires_s, settings.max_deliveries, started, settings.result_expires_s)
+    check_in = script(settings, _CHECK_IN)
+    stored, attempts, finished = _retrying(
+        lambda: check_in(keys=[result_key(job_id), attempts_key(job_id)], args=args)
     )
-    keys_and_args = (result_key(job_id), attempts_key(job_id), settings.result_expires_s,
-                     settings.max_deliveries, started, settings.result_expires_s)  # fmt: skip
-    client = result_redis(settings)
-    stored, attempts, finished = _retrying(lambda: client.eval(_CHECK_IN, 2, *keys_and_args))
     if attempts > 1:
         metrics.record_redelivery(settings, queue_of(task))
     if finished:
