@@ -108,6 +108,19 @@ def test_a_prefork_worker_counts_jobs_from_every_pool_process(
     # dead process's counts (it ran jobs of the batch above) stay in the totals.
     doomed: Job[str] = Models.create("fake:delay=2", client=client, queue=QUEUE).call_async("x")
     pid = wait_for("the job to start", lambda: started_pid(redis_server.url, doomed.id))
+    # STARTED is stored just before the job's metrics: kill it once both are in.
+    wait_for(
+        "the job's queue wait to be recorded",
+        lambda: (
+            value(
+                scrape(port),
+                "sibylq_job_queue_wait_seconds_count",
+                model="fake:delay=2",
+                queue=QUEUE,
+            )
+            == 1
+        ),
+    )
     assert pid != prefork_worker.process.pid
     os.kill(pid, signal.SIGKILL)
     assert doomed.result(timeout=20) == "fake output"
