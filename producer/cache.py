@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 
 import redis
 
-from .constants import cache_key, result_key
+from .constants import cache_key
 from .contract import Envelope, JobSpec, Timings, Usage
-from .outcome import result_meta
+from .outcome import stage_success
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +44,33 @@ def lookup(client: redis.Redis, spec: JobSpec) -> Envelope | None:
         return None
     try:
         raw = client.get(cache_key(digest))
-        return None if raw is None else _as_hit(Envelope.model_validate_json(raw), spec)
-    except (redis.RedisError, ValueError) as exc:
+    except redis.RedisError as exc:
         log.warning("answer cache unavailable (%s): running the job", exc)
+        return None
+    return None if raw is None else decode_hit(raw, spec)
+
+
+def decode_hit(raw: bytes | str, spec: JobSpec) -> Envelope | None:
+    """A cache entry as the answer to ``spec``; None (a miss) if it cannot be read."""
+    try:
+        return _as_hit(Envelope.model_validate_json(raw), spec)
+    except ValueError as exc:
+        log.warning("unreadable answer cache entry (%s): running the job", exc)
         return None
 
 
-def store(client: redis.Redis, spec: JobSpec, envelope: Envelope, ttl_s: int) -> None:
-    """Cache a successful answer. Best effort, like ``lookup``."""
+def stage(pipe: redis.client.Pipeline, spec: JobSpec, envelope: Envelope, ttl_s: int) -> None:
+    """Add caching a successful answer to ``pipe`` (nothing for an uncacheable request)."""
     digest = cache_digest(spec)
-    if digest is None or envelope.cached:
-        return
-    try:
-        client.set(cache_key(digest), envelope.model_dump_json(), ex=ttl_s)
-    except redis.RedisError as exc:
-        log.warning("cannot cache an answer (%s)", exc)
+    if digest is not None and not envelope.cached:
+        pipe.set(cache_key(digest), envelope.model_dump_json(), ex=ttl_s)
 
 
 def store_as_result(client: redis.Redis, job_id: str, envelope: Envelope, expires_s: int) -> None:
-    """Store ``envelope`` as job ``job_id``'s successful result, the way a worker's Celery
-    result backend does (same JSON, same key, announced on the same channel)."""
-    meta = result_meta(job_id, "SUCCESS", envelope.encode())
+    """Store ``envelope`` as job ``job_id``'s successful result, the way a worker does (same
+    JSON, same key, announced on the same channel)."""
     with client.pipeline(transaction=True) as pipe:
-        pipe.set(result_key(job_id), meta, ex=expires_s)
-        pipe.publish(result_key(job_id), meta)
+        stage_success(pipe, job_id, envelope.encode(), expires_s)
         pipe.execute()
 
 

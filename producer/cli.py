@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("-P", "--pool", help="Celery pool (default: threads for APIs, prefork)")
     worker.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
     worker.add_argument("-l", "--loglevel", default="INFO")
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="API workers: run N processes sharing -c, one GIL each (default: 1)",
+    )
 
     queue = commands.add_parser("queue", help="print the queue MODEL's jobs go to")
     queue.add_argument("model")
@@ -264,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pool=args.pool,
                 queue=args.queue,
                 loglevel=args.loglevel,
+                processes=args.processes,
             )
         )
     except SibylqError as exc:

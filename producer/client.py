@@ -9,7 +9,7 @@ to every task's result channel at send time and leak those subscriptions (celery
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import threading
 import time
 import uuid
 import weakref
@@ -46,6 +46,7 @@ class Client:
         self._served_queues: set[str] = set()
         self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultListener]
         self._listeners = weakref.WeakKeyDictionary()
+        self._pubsubs = _ThreadPubSubs()
 
     @cached_property
     def settings(self) -> Settings:
@@ -178,7 +179,7 @@ class Client:
             raise BrokerUnavailableError(f"cannot cancel job {job_id}: {exc}") from exc
 
     def subscription(self, job_id: str) -> Subscription:
-        return Subscription(self.redis, job_id)
+        return Subscription(self.redis, job_id, self._pubsubs)
 
     def listener(self) -> ResultListener:
         """The result listener of the running event loop (one per loop)."""
@@ -199,6 +200,7 @@ class Client:
             await listener.aclose()
 
     def close(self) -> None:
+        self._pubsubs.close_all()
         if "redis" in self.__dict__:
             self.redis.close()
         if "celery" in self.__dict__:
@@ -209,42 +211,97 @@ def _job_keys(job_id: str) -> tuple[str, ...]:
     return (result_key(job_id), claim_key(job_id), attempts_key(job_id))
 
 
-class Subscription:
-    """A blocking wait for one job's result: subscribe, then read the stored value."""
+class _ThreadPubSubs:
+    """One pub/sub connection per thread, kept between blocking waits: subscribing on an open
+    connection is one command, opening one is a TCP handshake and two more round trips (and
+    redis-py disconnects a PubSub when it is closed)."""
 
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: set[redis.client.PubSub] = set()
+
+    def take(self, client: redis.Redis) -> redis.client.PubSub:
+        pubsub: redis.client.PubSub | None = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            self._local.pubsub = pubsub
+            with self._lock:
+                self._all.add(pubsub)
+        return pubsub
+
+    def discard(self, pubsub: redis.client.PubSub) -> None:
+        """Drop a connection in an unknown state (an error mid-wait); the next wait opens one."""
+        self._local.pubsub = None
+        with self._lock:
+            self._all.discard(pubsub)
+        pubsub.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            pubsubs, self._all = self._all, set()
+        for pubsub in pubsubs:
+            pubsub.close()
+
+
+class Subscription:
+    """A blocking wait for one job's result: subscribe, then read the stored value.
+
+    The thread's pub/sub connection is reused: on leaving, the channel is unsubscribed and a
+    message that was already on its way is told apart by its channel."""
+
+    def __init__(self, client: redis.Redis, job_id: str, pubsubs: _ThreadPubSubs) -> None:
         self._redis = client
         self._key = result_key(job_id)
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._channel = self._key.encode()
+        self._pubsubs = pubsubs
+        self._pubsub = pubsubs.take(client)
+        self._broken = False
 
     def __enter__(self) -> Subscription:
-        with contextlib.suppress(redis.RedisError):  # wait() reports UNREACHABLE and retries
-            self._pubsub.subscribe(self._key)
+        self._subscribe()
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._pubsub.close()
+        interrupted = kind is not None and not issubclass(kind, Exception)  # mid-read, maybe
+        if not self._broken and not interrupted:
+            try:
+                self._pubsub.unsubscribe(self._key)  # type: ignore[no-untyped-call]
+                return
+            except redis.RedisError:
+                pass
+        self._pubsubs.discard(self._pubsub)
+
+    def _subscribe(self) -> None:
+        try:
+            self._pubsub.subscribe(self._key)
+        except redis.RedisError:  # wait() reports UNREACHABLE and retries
+            self._broken = True
 
     def wait(self, seconds: float) -> Any:
         """The stored result (raw bytes), None if not there yet, or UNREACHABLE."""
         try:
-            if not self._pubsub.subscribed:
+            if self._broken:
+                self._pubsubs.discard(self._pubsub)
+                self._pubsub = self._pubsubs.take(self._redis)
+                self._broken = False
                 self._pubsub.subscribe(self._key)
             stored = self._redis.get(self._key)
             if stored is not None:
                 return stored
             return self._next_message(time.monotonic() + seconds)
         except redis.RedisError:
+            self._broken = True
             time.sleep(min(seconds, 1.0))
             return UNREACHABLE
 
     def _next_message(self, deadline: float) -> Any:
-        # get_message returns None for the subscribe confirmation too: keep reading until
-        # a published value or the deadline, so a wait costs no extra round trips.
+        # get_message returns None for (un)subscribe confirmations too: keep reading until
+        # this job's published value or the deadline, so a wait costs no extra round trips.
         while (left := deadline - time.monotonic()) > 0:
             message = self._pubsub.get_message(timeout=left)
-            if message is not None:
+            if message is not None and message["channel"] == self._channel:
                 return message["data"]
         return None

@@ -6,6 +6,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+
+from .constants import result_key
 from .contract import Envelope, Failure
 from .errors import (
     REMOTE_FAILURES,
@@ -34,6 +37,14 @@ def result_meta(job_id: str, status: str, result: Any) -> str:
             "task_id": job_id,
         }
     )
+
+
+def stage_success(pipe: redis.client.Pipeline, job_id: str, result: Any, expires_s: int) -> None:
+    """Add to ``pipe`` what storing a success takes: the result, as Celery's backend stores it,
+    and its announcement on the job's channel (the waiters' wake-up call)."""
+    meta = result_meta(job_id, "SUCCESS", result)
+    pipe.set(result_key(job_id), meta, ex=expires_s)
+    pipe.publish(result_key(job_id), meta)
 
 
 def envelope_from_meta(meta: dict[str, Any], job_id: str) -> Envelope:

@@ -60,8 +60,15 @@ def create_app(settings: Settings | None = None) -> Celery:
         # (online, heartbeats) are sent either way.
         worker_send_task_events=settings.worker_events,
     )
-    # STARTED is stored by the task itself, after its delivery check (workers.task).
-    app.task(name=TASK_NAME, bind=True, track_started=False)(run_job)
+    # STARTED and successes are stored by the task itself, in one round trip each; failures
+    # by Celery (workers.delivery).
+    app.task(
+        name=TASK_NAME,
+        bind=True,
+        track_started=False,
+        ignore_result=True,
+        store_errors_even_if_ignored=True,
+    )(run_job)
     _attach_observability(app, settings)
     return app
 

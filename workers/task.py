@@ -1,67 +1,44 @@
 """The one Celery task: decode a job, run it on this process's backend, store the envelope.
 
-Every delivery first checks in with the result Redis, in one Lua call (``begin_delivery``):
-
-- a job whose result is already stored is not run again: its message was redelivered after
-  the job finished but before it was acknowledged (worker lost between the two, broker
-  connection lost, visibility timeout); the delivery is dropped with ``Ignore`` (acked);
-- ``sibylq:attempts:<job id>`` is incremented; past ``max_deliveries`` the job fails with
-  ``BackendError`` instead of running: with ``task_reject_on_worker_lost`` a job that kills
-  its process every time (a segfault or SIGILL in a native library, the OOM killer) would
-  otherwise be redelivered forever, taking a pool process down each time;
-- only then is STARTED stored (``task_track_started`` is off for this task: Celery would
-  store STARTED before the task body runs, overwriting a stored FAILURE before the check
-  above could see it).
-
-Then the job runs (``workers.execute``), unless the answer cache (``producer.cache``) already
-holds it. A backend's ``RetryLater`` parks the job in Redis (``workers.parking``): the message
-is acked, the stored state becomes RETRY, and a promoter re-enqueues it when due, carrying the
-tokens and outputs of its attempts so far. A job that finally fails is stored as a FAILURE and
-kept as a dead letter (``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``.
+Every delivery first checks in with the result Redis (``workers.delivery``): a finished job
+is not run again, a job that keeps killing its process is failed, STARTED is stored, and the
+answer cache's entry comes back. Then the job runs (``workers.execute``), unless the cache
+already held its answer, and its success is stored in one more round trip. A backend's
+``RetryLater`` parks the job in Redis (``workers.parking``): the message is acked, the stored
+state becomes RETRY, and a promoter re-enqueues it when due, carrying the tokens and outputs of
+its attempts so far. A job that finally fails is stored as a FAILURE and kept as a dead letter
+(``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from producer import cache as answers
 from producer import deadletters
-from producer.constants import FAILURES_RETENTION_S, attempts_key, failures_key, result_key
+from producer.constants import FAILURES_RETENTION_S, failures_key
 from producer.contract import Envelope, Failure, JobSpec, Usage
 from producer.deadletters import DeadLetter
 from producer.errors import BackendError, JobFailedError, SibylqError
 from producer.modelref import parse_model_ref
-from producer.outcome import FAILURE_CARRIER, result_meta
+from producer.outcome import FAILURE_CARRIER
 from producer.settings import Settings, get_settings
 
 from . import metrics
 from .backends import Backend, RetryLater, create_backend
+from .delivery import JobFailure, begin_delivery, host, queue_of, retrying, store_success
 from .execute import Progress, execute
 from .parking import Parked, backoff_s, delay_after, park
-from .store import result_redis, script
+from .store import result_redis
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-class JobFailure(Exception):  # noqa: N818 - the name is part of the result contract
-    """Carries a ``Failure`` (a JSON dict) to the result backend; the name is the contract."""
-
-    def __init__(self, failure: dict[str, Any]) -> None:
-        super().__init__(failure)
-
 
 assert JobFailure.__name__ == FAILURE_CARRIER
 
@@ -81,7 +58,7 @@ def backend_for(provider: str, settings: Settings) -> Backend:
 
 def run_job(
     task: Task[Any, Any], payload: dict[str, Any], carry: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> None:
     """Celery entry point. Known failures become a JobFailure the producer can type, and a
     dead letter (``producer.deadletters``); a job to retry later is parked (``workers.parking``).
 
@@ -90,10 +67,10 @@ def run_job(
     failures, per queue and minute in Redis (``count_failure``, read by ``sibylq status``).
     """
     run = _Run(task, payload, Progress.decode(carry))
+    job_id = task.request.id
     try:
-        if task.request.id:
-            begin_delivery(task, task.request.id, run.settings)
-        envelope = run.execute()
+        cached = begin_delivery(task, job_id, run.settings, run.job()) if job_id else None
+        spec, envelope = run.execute(cached)
     except Ignore:
         run.finish("skipped")
         raise
@@ -106,8 +83,9 @@ def run_job(
     except Exception as exc:  # a soft time limit, a bug: Celery stores it as the failure
         run.failed(Failure(type=type(exc).__name__, message=str(exc)))
         raise
+    if job_id:
+        store_success(job_id, spec, envelope, run.settings)
     run.finish("succeeded", usage=envelope.usage)
-    return envelope.encode()
 
 
 class _Run:
@@ -124,7 +102,7 @@ class _Run:
         self.spec: JobSpec | None = None
         self.duration_s: float | None = None
 
-    def execute(self) -> Envelope:
+    def execute(self, cached: Envelope | None) -> tuple[JobSpec, Envelope]:
         spec = self.spec = JobSpec.decode(self.payload)
         self.model = spec.model
         created = spec.created_at
@@ -133,21 +111,16 @@ class _Run:
         metrics.record_started(self.settings, model=self.model, queue=self.queue, wait_s=wait_s)
         started = time.monotonic()
         try:
-            return self._answer(spec)
+            return spec, self._answer(spec, cached)
         finally:
             self.duration_s = time.monotonic() - started
 
-    def _answer(self, spec: JobSpec) -> Envelope:
-        worker = _host(self.task)
-        store = result_redis(self.settings) if self.settings.cache else None
-        cached = None if store is None else answers.lookup(store, spec)
+    def _answer(self, spec: JobSpec, cached: Envelope | None) -> Envelope:
+        worker = host(self.task)
         if cached is not None:
             return cached.model_copy(update={"worker": worker})
         backend = backend_for(parse_model_ref(spec.model).provider, self.settings)
-        envelope = execute(spec, backend, worker, self.progress, self.settings.reask_max)
-        if store is not None:
-            answers.store(store, spec, envelope, self.settings.cache_ttl_s)
-        return envelope
+        return execute(spec, backend, worker, self.progress, self.settings.reask_max)
 
     def finish(self, status: str, *, error: str | None = None, usage: Usage | None = None) -> None:
         metrics.record_job(
@@ -164,12 +137,12 @@ class _Run:
         """Count the failure, record the dead letter; the carrier to raise."""
         self.finish("failed", error=failure.type, usage=failure.usage)
         count_failure(self.settings, self.queue)
-        job = self._job()
+        job = self.job()
         if job is not None:  # a malformed message is no job: nothing to retry
             record_dead_letter(self.task, job, failure, self.settings)
         return JobFailure(failure.encode())
 
-    def _job(self) -> JobSpec | None:
+    def job(self) -> JobSpec | None:
         """The job, decoded once (a delivery can fail before it ran: poison jobs)."""
         if self.spec is None:
             try:
@@ -206,19 +179,12 @@ class _Run:
             progress=self.progress.encode(),
             reason=signal.reason,
         )
-        _retrying(lambda: park(parked, delay_s, self.settings))
+        retrying(lambda: park(parked, delay_s, self.settings))
         # Celery stores RETRY like a failure: an exception, type and message as strings.
         waiting = RetryLater(f"{signal.reason}; retry {retries} in {delay_s:.2f} s")
         self.task.update_state(state=states.RETRY, meta=waiting)  # type: ignore[arg-type]
         self.finish("retrying" if signal.counts else "deferred")
         return Ignore()
-
-
-def queue_of(task: Task[Any, Any]) -> str:
-    """The queue a delivery came from (its routing key: sibylq sends each job to the queue
-    of the same name)."""
-    info = task.request.delivery_info or {}
-    return str(info.get("routing_key") or "unknown")
 
 
 def priority_of(task: Task[Any, Any]) -> int:
@@ -239,7 +205,7 @@ def record_dead_letter(
         job=job,
         failure=failure,
         failed_at=datetime.now(UTC),
-        worker=_host(task),
+        worker=host(task),
     )
     try:
         deadletters.record(result_redis(settings), letter, settings.dead_letters_expire_s)
@@ -279,81 +245,3 @@ def _failure(exc: SibylqError, progress: Progress) -> Failure:
         raw_outputs=raw_outputs,
         attempts=progress.calls,
     )
-
-
-# KEYS: result, attempts. ARGV: attempts expiry (s), max deliveries, STARTED meta (JSON),
-# result expiry (s). Returns {stored result or false, attempts, 1 if already finished}.
-# STARTED is not PUBLISHed: waiters wake for final results only; job.status() reads the key.
-_CHECK_IN = """
-local attempts = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  local ok, meta = pcall(cjson.decode, stored)
-  if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
-      or meta.status == 'REVOKED') then
-    return {stored, attempts, 1}
-  end
-end
-if attempts <= tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
-end
-return {stored or false, attempts, 0}
-"""
-
-
-def begin_delivery(task: Task[Any, Any], job_id: str, settings: Settings) -> None:
-    """Check in before running, in one Lua call (one round trip): raises ``Ignore`` for a
-    finished job, ``JobFailure`` for a job delivered too often, else stores STARTED as
-    Celery's backend would (see the module docstring)."""
-    started = result_meta(job_id, states.STARTED, {"pid": os.getpid(), "hostname": _host(task)})
-    args = (settings.result_expires_s, settings.max_deliveries, started, settings.result_expires_s)
-    check_in = script(settings, _CHECK_IN)
-    stored, attempts, finished = _retrying(
-        lambda: check_in(keys=[result_key(job_id), attempts_key(job_id)], args=args)
-    )
-    if attempts > 1:
-        metrics.record_redelivery(settings, queue_of(task))
-    if finished:
-        state = _stored_state(stored)
-        log.warning("job %s already finished (%s): not running it again", job_id, state)
-        raise Ignore()
-    if attempts > settings.max_deliveries:
-        raise JobFailure(
-            Failure(
-                type="BackendError",
-                message=(
-                    f"job {job_id} was delivered {attempts - 1} times and its worker process "
-                    "died each time; not running it again (SIBYLQ_MAX_DELIVERIES="
-                    f"{settings.max_deliveries}). A crash in the model backend (out of memory, "
-                    "a native library fault) is the usual cause: see the worker logs."
-                ),
-            ).encode()
-        )
-
-
-def _retrying(operation: Callable[[], T]) -> T:
-    """Run a Redis operation until Redis answers: like the result store (workers.celery_app),
-    a job waits out a Redis outage rather than fail or be lost."""
-    pause = 0.05
-    while True:
-        try:
-            return operation()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # also BusyLoadingError
-            log.warning("result Redis unreachable (%s); retrying in %.2fs", exc, pause)
-            time.sleep(pause)
-            pause = min(pause * 2, 1.0)
-
-
-def _stored_state(stored: Any) -> str | None:
-    if not stored:
-        return None
-    try:
-        meta = json.loads(stored)
-    except ValueError:
-        return None
-    return meta.get("status") if isinstance(meta, dict) else None
-
-
-def _host(task: Task[Any, Any]) -> str:
-    return task.request.hostname or "unknown"

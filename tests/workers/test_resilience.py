@@ -198,7 +198,7 @@ def test_a_redis_restart_loses_and_repeats_nothing(
     # The running jobs finish while Redis is down: their results must wait for it, not be lost.
     fleet.wait_for(
         "a result store to wait for Redis",
-        lambda: "Failed operation _store_result" in fleet.logs_text(),
+        lambda: "result Redis unreachable" in fleet.logs_text(),
         20,
     )
     server.start()
