@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from producer.errors import ConfigurationError
 from producer.modelref import ModelRef, model_stem, parse_model_ref
 from producer.settings import Settings, get_settings
+
+from .supervisor import Child, child_command, split_concurrency, supervise
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ def run_worker(
     pool: str | None = None,
     queue: str | None = None,
     loglevel: str = "INFO",
+    processes: int = 1,
 ) -> int:
     ref = parse_model_ref(model, any_api_model=True)
     os.environ["SIBYLQ_WORKER_MODEL"] = str(ref)
@@ -42,6 +46,10 @@ def run_worker(
 
         resolve_model_path(ref.name, settings)  # fail now, not at the first job
     defaults = pool_defaults(ref, settings)
+    if processes > 1:
+        argv = ["worker", str(ref), f"--pool={pool or defaults.pool}", f"--loglevel={loglevel}"]
+        argv += [f"--queue={queue}"] if queue else []
+        return run_processes(argv, concurrency or defaults.concurrency, processes, settings)
     from . import default_app
 
     node = f"sibylq-{ref.provider}-{model_stem(ref.name) or 'any'}-{os.getpid()}@%h"
@@ -58,3 +66,19 @@ def run_worker(
         ]
     )
     return 0
+
+
+def run_processes(argv: list[str], concurrency: int, processes: int, settings: Settings) -> int:
+    """``argv``'s worker as ``processes`` processes sharing ``concurrency`` (a fixed metrics
+    port becomes one port per process, counting up)."""
+    if not any(arg == "--pool=threads" for arg in argv):
+        raise ConfigurationError(
+            "--processes is for threads pools (API workers); a prefork pool's -c is already "
+            "its number of processes"
+        )
+    children = []
+    for index, share in enumerate(split_concurrency(concurrency, processes)):
+        port = settings.metrics_port
+        env = {"SIBYLQ_METRICS_PORT": str(port + index)} if port else {}
+        children.append(Child(child_command(argv, share), env))
+    return supervise(children)
