@@ -121,10 +121,24 @@ class Cluster:
         return process
 
     def start_worker(
-        self, model: str, *args: str, queue: str, env: dict[str, str] | None = None
+        self,
+        model: str,
+        *args: str,
+        queue: str,
+        env: dict[str, str] | None = None,
+        processes: int = 1,
     ) -> Process:
-        """``sibylq worker MODEL ARGS``, once its heartbeat shows for ``queue``."""
-        return self.start_workers(1, model, *args, queue=queue, env=env)[0]
+        """``sibylq worker MODEL ARGS [--processes N]``, once its heartbeats (one per process)
+        show for ``queue``."""
+        extra = ("--processes", str(processes)) if processes > 1 else ()
+        workers = self.start_workers(1, model, *args, *extra, queue=queue, env=env)
+        if processes > 1:
+            client = self.redis()
+            try:
+                _wait_beating(client, queue, workers[0], f"{processes} worker processes", processes)
+            finally:
+                client.close()
+        return workers[0]
 
     def start_workers(
         self, count: int, model: str, *args: str, queue: str, env: dict[str, str] | None = None
@@ -178,16 +192,27 @@ class Cluster:
         self.redis_server.stop()
 
 
-def _wait_beating(client: redis.Redis, queue: str, process: Process, what: str) -> None:
-    """Wait until the ``sibylq worker`` in ``process`` stamps heartbeats for ``queue`` (its
-    node name is ``sibylq-<provider>-<model>-<pid>@<host>``)."""
-    mark = f"-{process.pid}@"
+def _wait_beating(
+    client: redis.Redis, queue: str, process: Process, what: str, expected: int = 1
+) -> None:
+    """Wait until ``expected`` of the ``sibylq worker`` processes in ``process`` (itself, or
+    the children of ``--processes``) stamp heartbeats for ``queue`` (a node name is
+    ``sibylq-<provider>-<model>-<pid>@<host>``)."""
 
     def beating() -> bool:
-        members = client.zrange(workers_key(queue), 0, -1)
-        return any(mark in str(member) for member in members)
+        members = [str(member) for member in client.zrange(workers_key(queue), 0, -1)]
+        marks = [f"-{pid}@" for pid in (process.pid, *_children(process.pid))]
+        return sum(any(mark in member for member in members) for mark in marks) >= expected
 
     wait_until(what, beating, process, timeout_s=120)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        listed = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in listed.split()]
 
 
 def wait_until(

@@ -42,7 +42,7 @@ def _remote(axis: Any, result: Result) -> None:
     samples = result.samples["throughput_req_s"]
     levels = sorted(int(level) for level in samples)
     for side, label, marker in (
-        ("sibylq", "sibylq: one worker, threads pool", "o"),
+        ("sibylq", "sibylq: one worker, 2 processes of threads", "o"),
         ("baseline", "asyncio + AsyncOpenAI + semaphore", "s"),
     ):
         axis.plot(
