@@ -36,7 +36,7 @@ NAME = "labeling"
 PROMPT = "Is this SMS spam? {text}"
 WORKERS, POOL, CONCURRENCY = 2, "threads", 8
 IN_FLIGHT = 256
-_SUMMARY = re.compile(r"done (\d+), failed (\d+).* in ([\d.]+)s \(([\d.]+) rows/s\)")
+_SUMMARY = re.compile(r"done (\d+), failed (\d+).*? in ([\d.]+)s \(([\d.]+) rows/s\)")
 
 
 def write_input(path: Path, rows: int) -> Path:
@@ -71,10 +71,12 @@ def sibylq_label(cluster: Cluster, source: Path, tag: str) -> Run:
         code = process.popen.wait()
         wall = time.perf_counter() - started
     log = process.log_tail(5)
-    found = _SUMMARY.search(log)
-    if code != 0 or found is None:
+    # The last match: the summary. Progress updates end in \r, not \n: a "line" of the log
+    # holds every update, each with the rate so far.
+    found = _SUMMARY.findall(log)
+    if code != 0 or not found:
         raise RuntimeError(f"sibylq label failed ({code}):\n{log}")
-    _, failed, _, rate = found.groups()
+    _, failed, _, rate = found[-1]
     if int(failed):
         raise RuntimeError(f"sibylq label: {failed} rows failed:\n{log}")
     return Run(float(rate), sampler.memory_peak - sampler.memory_start, wall)
