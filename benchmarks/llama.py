@@ -60,6 +60,7 @@ class DirectLoop:
             from llama_cpp.llama_grammar import LlamaGrammar
 
             from workers.backends.llamacpp import _chat_messages
+            from workers.cli import llama_threads
             from workers.model_files import resolve_model_path
         except ImportError as exc:
             raise Skipped(f"llama-cpp-python is not installed: {exc}") from exc
@@ -71,7 +72,7 @@ class DirectLoop:
             model_path=str(resolve_model_path("smollm2", settings)),
             n_ctx=settings.llama_n_ctx,
             n_gpu_layers=settings.llama_n_gpu_layers,
-            n_threads=settings.llama_n_threads,
+            n_threads=settings.llama_n_threads or llama_threads(1),  # as the worker
             verbose=False,
         )
         self.grammar = LlamaGrammar.from_json_schema(json.dumps(self.schema), verbose=False)

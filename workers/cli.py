@@ -28,6 +28,18 @@ def pool_defaults(ref: ModelRef, settings: Settings) -> PoolDefaults:
     return PoolDefaults("threads", 8)
 
 
+def llama_threads(processes: int) -> int:
+    """CPU threads per llama.cpp process when ``SIBYLQ_LLAMA_N_THREADS`` is unset: the CPUs
+    this worker may use, shared by its processes. (llama-cpp-python's own default, half the
+    CPUs, assumes two hardware threads per core: on a 2-vCPU machine it leaves one idle, and
+    a classification takes a third longer.)"""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, processes))
+
+
 def run_worker(
     model: str,
     *,
@@ -46,6 +58,11 @@ def run_worker(
 
         resolve_model_path(ref.name, settings)  # fail now, not at the first job
     defaults = pool_defaults(ref, settings)
+    if ref.provider == "llamacpp" and settings.llama_n_threads is None:
+        threads = llama_threads(concurrency or defaults.concurrency)
+        os.environ["SIBYLQ_LLAMA_N_THREADS"] = str(threads)  # inherited by the pool
+        get_settings.cache_clear()
+        settings = get_settings()
     if processes > 1:
         argv = ["worker", str(ref), f"--pool={pool or defaults.pool}", f"--loglevel={loglevel}"]
         argv += [f"--queue={queue}"] if queue else []

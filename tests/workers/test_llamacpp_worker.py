@@ -6,12 +6,14 @@ SmolLM2-135M is a weak model: these tests check validity and types, never accura
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import pytest
 
 from producer import Client, Models, OutputValidationError, PromptTooLongError
 from tests.conftest import Worker
+from workers.cli import llama_threads
 
 
 @dataclasses.dataclass
@@ -77,3 +79,14 @@ def test_the_worker_keeps_serving_after_failures(model: Any, llama_worker: Worke
             model.call("word " * 5000)
     assert model.classify(["yes", "no"], "Is the sky blue?") in ("yes", "no")
     assert llama_worker.process.poll() is None
+
+
+@pytest.mark.parametrize("processes", [1, 2, 64])
+def test_llama_threads_default_to_the_usable_cpus_shared_by_the_processes(processes: int) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert llama_threads(processes) == max(1, cpus // processes)
+
+
+def test_the_worker_runs_llama_cpp_on_its_cpus(model: Any, llama_worker: Worker) -> None:
+    model.classify(["yes", "no"], "Is water wet?")  # the model is loaded by now
+    assert f"n_threads={llama_threads(1)}," in llama_worker.log()

@@ -9,6 +9,7 @@ models): small models follow a grammar far better when they are told what it is 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,8 @@ from producer.settings import Settings
 
 from ..model_files import resolve_model_path
 from .base import Completion, CompletionRequest
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_INSTRUCTION = "Answer only with a JSON object that follows this JSON schema:\n{schema}"
 
@@ -92,6 +95,14 @@ class LlamaCppBackend:
                     )
                 except (ValueError, RuntimeError) as exc:
                     raise BackendError(f"cannot load model {path}: {exc}") from exc
+                llm = self._models[path]
+                log.info(
+                    "loaded %s: n_ctx=%d, n_threads=%d, n_gpu_layers=%d",
+                    path.name,
+                    llm.n_ctx(),
+                    llm.n_threads,
+                    self._settings.llama_n_gpu_layers,
+                )
             return self._models[path]
 
 
