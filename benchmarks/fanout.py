@@ -32,7 +32,7 @@ from .report import Result, Row, Target, alternate, median
 
 NAME = "fanout"
 LABELS = ["spam", "ham"]
-WORKERS, POOL, CONCURRENCY = 2, "threads", 8
+WORKERS, POOL = 2, "solo"  # solo: the fastest Celery pool for jobs this short
 SIDES = ("sibylq", "baseline")
 
 
@@ -123,13 +123,11 @@ def run(ctx: Context) -> Result:
             "jobs": jobs,
             "small": small,
             "repeats": repeats,
-            "workers": f"{WORKERS} x sibylq worker fake -P {POOL} -c {CONCURRENCY}",
+            "workers": f"{WORKERS} x sibylq worker fake -P {POOL}",
         },
     )
     with ctx.cluster(NAME) as cluster:
-        cluster.start_workers(
-            WORKERS, "fake", "-P", POOL, "-c", str(CONCURRENCY), queue=queue_name("fake")
-        )
+        cluster.start_workers(WORKERS, "fake", "-P", POOL, queue=queue_name("fake"))
         few = {side: fan_out(cluster, side, small) for side in SIDES}
         runs = alternate(repeats, SIDES, lambda side: fan_out(cluster, side, jobs))
     _fill(result, runs, few)

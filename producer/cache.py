@@ -36,14 +36,20 @@ def cache_digest(spec: JobSpec) -> str | None:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def entry_key(spec: JobSpec) -> str | None:
+    """The Redis key of ``spec``'s cache entry; None when its answer is never cached."""
+    digest = cache_digest(spec)
+    return None if digest is None else cache_key(digest)
+
+
 def lookup(client: redis.Redis, spec: JobSpec) -> Envelope | None:
     """The cached answer to ``spec``, as this job's envelope; None on a miss. Best effort: an
     unreachable Redis or an unreadable entry is a miss."""
-    digest = cache_digest(spec)
-    if digest is None:
+    key = entry_key(spec)
+    if key is None:
         return None
     try:
-        raw = client.get(cache_key(digest))
+        raw = client.get(key)
     except redis.RedisError as exc:
         log.warning("answer cache unavailable (%s): running the job", exc)
         return None

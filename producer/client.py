@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError
 
 from . import cache
 from .constants import TASK_NAME, attempts_key, claim_key, result_key, workers_key
-from .contract import JobSpec
+from .contract import Envelope, JobSpec
 from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
 from .modelref import ModelRef
@@ -108,8 +108,40 @@ class Client:
         ``LANE_PRIORITIES``); returns the job id. An answer in the cache (``producer.cache``)
         is stored as the job's result at once, and nothing is enqueued."""
         job_id = job_id or str(uuid.uuid4())
-        if self.settings.cache and self._answer_from_cache(spec, job_id):
-            return job_id
+        hit = cache.lookup(self.redis, spec) if self.settings.cache else None
+        self._enqueue(spec, queue, job_id, priority, hit)
+        return job_id
+
+    def submit_once(self, spec: JobSpec, queue: str, job_id: str, *, priority: int = 0) -> bool:
+        """Enqueue unless this job id was enqueued before; True if it was enqueued now.
+
+        The claim is recorded after the enqueue: a crash between the two can enqueue a job
+        twice (the second delivery finds the stored result and is dropped), never lose one.
+        The claim and the cache are read in one round trip.
+        """
+        key = claim_key(job_id)
+        entry = cache.entry_key(spec) if self.settings.cache else None
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(key)
+                if entry is not None:
+                    pipe.get(entry)
+                claimed, *cached = pipe.execute()
+            if claimed:
+                return False
+            hit = cache.decode_hit(cached[0], spec) if cached and cached[0] is not None else None
+            self._enqueue(spec, queue, job_id, priority, hit)
+            self.redis.set(key, "1", ex=self.settings.result_expires_s)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"cannot reach Redis to enqueue {job_id}: {exc}") from exc
+        return True
+
+    def _enqueue(
+        self, spec: JobSpec, queue: str, job_id: str, priority: int, hit: Envelope | None
+    ) -> None:
+        """Send the job, or store ``hit`` (its cached answer) as its result instead."""
+        if hit is not None and self._answer_from_cache(job_id, hit):
+            return
         try:
             self.celery.send_task(
                 TASK_NAME,
@@ -127,32 +159,12 @@ class Client:
                 f"cannot enqueue to {self.settings.broker_url!r}: {exc}. Is Redis running "
                 "and SIBYLQ_BROKER_URL right?"
             ) from exc
-        return job_id
 
-    def _answer_from_cache(self, spec: JobSpec, job_id: str) -> bool:
-        hit = cache.lookup(self.redis, spec)
-        if hit is None:
-            return False
+    def _answer_from_cache(self, job_id: str, hit: Envelope) -> bool:
         try:
             cache.store_as_result(self.redis, job_id, hit, self.settings.result_expires_s)
         except redis.RedisError:
             return False
-        return True
-
-    def submit_once(self, spec: JobSpec, queue: str, job_id: str, *, priority: int = 0) -> bool:
-        """Enqueue unless this job id was enqueued before; True if it was enqueued now.
-
-        The claim is recorded after the enqueue: a crash between the two can enqueue a job
-        twice (the second delivery finds the stored result and is dropped), never lose one.
-        """
-        key = claim_key(job_id)
-        try:
-            if self.redis.exists(key):
-                return False
-            self.submit(spec, queue, job_id, priority=priority)
-            self.redis.set(key, "1", ex=self.settings.result_expires_s)
-        except redis.RedisError as exc:
-            raise BrokerUnavailableError(f"cannot reach Redis to enqueue {job_id}: {exc}") from exc
         return True
 
     def forget(self, job_ids: list[str]) -> None:

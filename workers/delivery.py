@@ -35,7 +35,7 @@ from celery import Task, states
 from celery.exceptions import Ignore
 
 from producer import cache as answers
-from producer.constants import attempts_key, cache_key, result_key
+from producer.constants import attempts_key, result_key
 from producer.contract import Envelope, Failure, JobSpec
 from producer.outcome import result_meta, stage_success
 from producer.settings import Settings
@@ -90,9 +90,9 @@ def begin_delivery(
     started = result_meta(job_id, states.STARTED, {"pid": os.getpid(), "hostname": host(task)})
     args = (settings.result_expires_s, settings.max_deliveries, started, settings.result_expires_s)
     keys = [result_key(job_id), attempts_key(job_id)]
-    digest = answers.cache_digest(spec) if settings.cache and spec is not None else None
-    if digest is not None:
-        keys.append(cache_key(digest))
+    entry = answers.entry_key(spec) if settings.cache and spec is not None else None
+    if entry is not None:
+        keys.append(entry)
     check_in = script(settings, _CHECK_IN)
     stored, attempts, finished, cached = retrying(lambda: check_in(keys=keys, args=args))
     if attempts > 1:
