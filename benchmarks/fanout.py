@@ -112,7 +112,7 @@ def fan_out(cluster: Cluster, side: str, jobs: int) -> FanOut:
 def run(ctx: Context) -> Result:
     # One run per side at 10,000 (about a minute each, bound by the workers), so the whole
     # suite fits its time; the figures compared differ by far more than the noise.
-    jobs, small, repeats = ctx.size(10_000, 500), ctx.size(1_000, 100), 1
+    jobs, small, repeats = ctx.size(10_000, 500), ctx.size(500, 100), 1
     result = Result(
         NAME,
         f"async fan-out, {jobs:,} fake jobs awaited at once",

@@ -9,7 +9,7 @@ in batches of 256, as ``sibylq label`` does. Every worker is a ``solo`` pool (on
 job at a time): the fastest Celery pool for jobs this short, on both sides.
 
 One sibylq run of all ``--rows`` rows (100,000 by default) is measured between two baseline
-runs of ``baseline_rows`` (5,000): the baseline's rate is steady within a few thousand rows,
+runs of ``baseline_rows`` (4,000): the baseline's rate is steady within a few thousand rows,
 and a 100,000-row bare run would double the benchmark's time. The ratio is the full run's
 rows/s over the baseline runs' median.
 """
@@ -119,7 +119,7 @@ def bare_label(cluster: Cluster, rows: int) -> Run:
 
 def run(ctx: Context) -> Result:
     rows = ctx.rows or ctx.size(100_000, 500)
-    chunk = min(rows, ctx.size(5_000, 300))
+    chunk = min(rows, ctx.size(4_000, 300))
     result = Result(
         NAME,
         f"bulk labeling, {rows:,} rows with fake",

@@ -42,7 +42,7 @@ def rate(model: Model, jobs: int) -> float:
 
 def run(ctx: Context) -> Result:
     levels = LEVELS[:2] if ctx.quick else LEVELS
-    per_worker, repeats = ctx.size(10, 4), ctx.size(3, 1)
+    per_worker, repeats = ctx.size(10, 4), ctx.size(2, 1)
     result = Result(
         NAME,
         f"scaling, fake:delay={DELAY_S} on concurrency-one workers",

@@ -190,8 +190,10 @@ class Client:
         except (OperationalError, OSError) as exc:
             raise BrokerUnavailableError(f"cannot cancel job {job_id}: {exc}") from exc
 
-    def subscription(self, job_id: str) -> Subscription:
-        return Subscription(self.redis, job_id, self._pubsubs)
+    def subscription(self, job_id: str, *, fresh: bool = False) -> Subscription:
+        """A blocking wait's subscription to ``job_id``'s result; ``fresh``: opened before
+        the job was sent (see ``Subscription``)."""
+        return Subscription(self.redis, job_id, self._pubsubs, fresh=fresh)
 
     def listener(self) -> ResultListener:
         """The result listener of the running event loop (one per loop)."""
@@ -260,15 +262,23 @@ class Subscription:
     """A blocking wait for one job's result: subscribe, then read the stored value.
 
     The thread's pub/sub connection is reused: on leaving, the channel is unsubscribed and a
-    message that was already on its way is told apart by its channel."""
+    message that was already on its way is told apart by its channel.
 
-    def __init__(self, client: redis.Redis, job_id: str, pubsubs: _ThreadPubSubs) -> None:
+    A ``fresh`` subscription was opened before its job was sent, so the job's result is
+    announced after it: its first wait listens at once, without reading the stored result
+    first. Later waits read it (a safety net: every few seconds, see ``producer.waiting``).
+    """
+
+    def __init__(
+        self, client: redis.Redis, job_id: str, pubsubs: _ThreadPubSubs, *, fresh: bool = False
+    ) -> None:
         self._redis = client
         self._key = result_key(job_id)
         self._channel = self._key.encode()
         self._pubsubs = pubsubs
         self._pubsub = pubsubs.take(client)
         self._broken = False
+        self._skip_read = fresh
 
     def __enter__(self) -> Subscription:
         self._subscribe()
@@ -295,12 +305,14 @@ class Subscription:
     def wait(self, seconds: float) -> Any:
         """The stored result (raw bytes), None if not there yet, or UNREACHABLE."""
         try:
-            if self._broken:
+            if self._broken:  # subscribed after the job was sent, if fresh: read first
+                self._skip_read = False
                 self._pubsubs.discard(self._pubsub)
                 self._pubsub = self._pubsubs.take(self._redis)
                 self._broken = False
                 self._pubsub.subscribe(self._key)
-            stored = self._redis.get(self._key)
+            skip_read, self._skip_read = self._skip_read, False
+            stored = None if skip_read else self._redis.get(self._key)
             if stored is not None:
                 return stored
             return self._next_message(time.monotonic() + seconds)

@@ -11,7 +11,7 @@ from collections.abc import Generator
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
-from .client import Client
+from .client import Client, Subscription
 from .contract import Envelope
 from .errors import JobFailedError
 from .modelref import parse_model_ref
@@ -81,20 +81,25 @@ class Job(Generic[T]):
 
     # -- waiting: one flow, two drivers ------------------------------------------------
 
-    def envelope(self, timeout: float | None = None) -> Envelope:
-        """Block until the job finishes; the stored envelope (raw text, usage, timings)."""
+    def envelope(
+        self, timeout: float | None = None, *, subscription: Subscription | None = None
+    ) -> Envelope:
+        """Block until the job finishes; the stored envelope (raw text, usage, timings).
+        ``subscription``: one already open on this job's channel (else one is opened)."""
+        if subscription is None:
+            with self._client.subscription(self.id) as opened:
+                return self.envelope(timeout, subscription=opened)
         flow = self._flow(timeout)
         answer: Any = None
-        with self._client.subscription(self.id) as subscription:
-            while True:
-                step = _advance(flow, answer)
-                if not isinstance(step, Wait | CheckWorkers):
-                    return self._open(step)
-                answer = (
-                    subscription.wait(step.seconds)
-                    if isinstance(step, Wait)
-                    else self._client.workers_alive(self.queue or "")
-                )
+        while True:
+            step = _advance(flow, answer)
+            if not isinstance(step, Wait | CheckWorkers):
+                return self._open(step)
+            answer = (
+                subscription.wait(step.seconds)
+                if isinstance(step, Wait)
+                else self._client.workers_alive(self.queue or "")
+            )
 
     async def envelope_async(self, timeout: float | None = None) -> Envelope:
         """Await the job's envelope."""

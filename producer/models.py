@@ -7,7 +7,8 @@ the plain method is that same call followed by a blocking wait.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -141,27 +142,40 @@ class Model:
     # -- sync methods: the same call, then a blocking wait --------------------------------
 
     def extract(self, target: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
-        return self.extract_async(target, query, **kw).result(timeout)
+        return self._blocking(self.extract_async, timeout, target, query, **kw)
 
     def classify(
         self, labels: Any, query: Query, *, timeout: float | None = None, **kw: Any
     ) -> Any:
-        return self.classify_async(labels, query, **kw).result(timeout)
+        return self._blocking(self.classify_async, timeout, labels, query, **kw)
 
     def json(self, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
-        return self.json_async(query, **kw).result(timeout)
+        return self._blocking(self.json_async, timeout, query, **kw)
 
     def dataclass(self, cls: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
-        return self.dataclass_async(cls, query, **kw).result(timeout)
+        return self._blocking(self.dataclass_async, timeout, cls, query, **kw)
 
     def pydantic(self, cls: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
-        return self.pydantic_async(cls, query, **kw).result(timeout)
+        return self._blocking(self.pydantic_async, timeout, cls, query, **kw)
 
     def call(self, query: Query, *, timeout: float | None = None, **kw: Any) -> str:
-        return self.call_async(query, **kw).result(timeout)
+        return str(self._blocking(self.call_async, timeout, query, **kw))
 
     def __call__(self, query: Query, *, timeout: float | None = None, **kw: Any) -> str:
         return self.call(query, timeout=timeout, **kw)
+
+    def _blocking(
+        self, submit: Callable[..., Job[Any]], timeout: float | None, *args: Any, **kw: Any
+    ) -> Any:
+        """Submit with ``submit`` (an ``_async`` twin) and wait. The wait subscribes to the
+        job's channel before the job is sent: its result can only come after, so the wait
+        needs no first read of the stored result (a round trip) before listening."""
+        if kw.get("job_id") is not None:  # a caller's id may name a job that already ran
+            return submit(*args, **kw).result(timeout)
+        job_id = str(uuid.uuid4())
+        with self.client.subscription(job_id, fresh=True) as subscription:
+            job = submit(*args, job_id=job_id, **kw)
+            return job.value_of(job.envelope(timeout, subscription=subscription))
 
 
 def merge_genconf(base: GenConf, override: GenConfLike) -> GenConf:
