@@ -103,7 +103,7 @@ class _Run:
         self.duration_s: float | None = None
 
     def execute(self, cached: Envelope | None) -> tuple[JobSpec, Envelope]:
-        spec = self.spec = JobSpec.decode(self.payload)
+        spec = self.spec = self.spec or JobSpec.decode(self.payload)  # decoded at check-in
         self.model = spec.model
         created = spec.created_at
         created = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
