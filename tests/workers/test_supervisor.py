@@ -47,6 +47,14 @@ def _live_workers(url: str, queue: str) -> int:
         return int(client.zcount(workers_key(queue), time.time() - 2, "+inf"))
 
 
+def _two_processes(queue: str, env: dict[str, str], tmp_path: Path) -> Worker:
+    """``sibylq worker fake --processes 2`` on ``queue``, once both processes beat."""
+    worker = Worker(["fake", "--processes", "2", "-c", "2", "-Q", queue], env, tmp_path / "w.log")
+    url = env["SIBYLQ_BROKER_URL"]
+    wait_for("both processes' heartbeats", lambda: _live_workers(url, queue) == 2, 30)
+    return worker
+
+
 def test_two_processes_each_take_half_the_concurrency_and_share_the_jobs(
     client: Client, start_worker: Callable[..., Worker]
 ) -> None:
@@ -67,11 +75,7 @@ def test_a_signal_to_the_supervisor_stops_every_process_warmly(
     client: Client, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     queue = queue_name("fake", "supervised-stop")
-    worker = Worker(
-        ["fake", "--processes", "2", "-c", "2", "-Q", queue], worker_env, tmp_path / "w.log"
-    )
-    url = worker_env["SIBYLQ_BROKER_URL"]
-    wait_for("both processes' heartbeats", lambda: _live_workers(url, queue) == 2, 30)
+    worker = _two_processes(queue, worker_env, tmp_path)
     children = _worker_pids(worker.process.pid)
     job = Models.create("fake:delay=1", client=client, queue=queue).call_async("finish me")
     wait_for("the job to start", lambda: job.status() == JobStatus.STARTED, 10)
@@ -88,11 +92,7 @@ def test_when_one_process_dies_the_others_stop_and_the_worker_exits_with_its_cod
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     queue = queue_name("fake", "supervised-crash")
-    worker = Worker(
-        ["fake", "--processes", "2", "-c", "2", "-Q", queue], worker_env, tmp_path / "w.log"
-    )
-    url = worker_env["SIBYLQ_BROKER_URL"]
-    wait_for("both processes' heartbeats", lambda: _live_workers(url, queue) == 2, 30)
+    worker = _two_processes(queue, worker_env, tmp_path)
     first, second = _worker_pids(worker.process.pid)
 
     os.kill(first, signal.SIGKILL)
