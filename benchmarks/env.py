@@ -131,20 +131,19 @@ class Cluster:
         """``sibylq worker MODEL ARGS [--processes N]``, once its heartbeats (one per process)
         show for ``queue``."""
         extra = ("--processes", str(processes)) if processes > 1 else ()
-        workers = self.start_workers(1, model, *args, *extra, queue=queue, env=env)
-        if processes > 1:
-            client = self.redis()
-            try:
-                _wait_beating(client, queue, workers[0], f"{processes} worker processes", processes)
-            finally:
-                client.close()
-        return workers[0]
+        return self.start_workers(1, model, *args, *extra, queue=queue, env=env, each=processes)[0]
 
     def start_workers(
-        self, count: int, model: str, *args: str, queue: str, env: dict[str, str] | None = None
+        self,
+        count: int,
+        model: str,
+        *args: str,
+        queue: str,
+        env: dict[str, str] | None = None,
+        each: int = 1,
     ) -> list[Process]:
-        """``count`` workers started together (their imports overlap), once each one's
-        heartbeat shows for ``queue``."""
+        """``count`` workers started together (their imports overlap), once the heartbeats of
+        each one's ``each`` processes show for ``queue``."""
         command = [sys.executable, "-m", "producer.cli", "worker", model, "-l", WORKER_LOGLEVEL]
         processes = [
             self.spawn("worker-" + model.replace(":", "-"), [*command, *args], self.env(env))
@@ -153,7 +152,7 @@ class Cluster:
         client = self.redis()
         try:
             for process in processes:
-                _wait_beating(client, queue, process, f"worker {model} {' '.join(args)}")
+                _wait_beating(client, queue, process, f"worker {model} {' '.join(args)}", each)
         finally:
             client.close()
         return processes

@@ -67,9 +67,9 @@ def decode_hit(raw: bytes | str, spec: JobSpec) -> Envelope | None:
 
 def stage(pipe: redis.client.Pipeline, spec: JobSpec, envelope: Envelope, ttl_s: int) -> None:
     """Add caching a successful answer to ``pipe`` (nothing for an uncacheable request)."""
-    digest = cache_digest(spec)
-    if digest is not None and not envelope.cached:
-        pipe.set(cache_key(digest), envelope.model_dump_json(), ex=ttl_s)
+    key = entry_key(spec)
+    if key is not None and not envelope.cached:
+        pipe.set(key, envelope.model_dump_json(), ex=ttl_s)
 
 
 def store_as_result(client: redis.Redis, job_id: str, envelope: Envelope, expires_s: int) -> None:

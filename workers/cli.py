@@ -58,15 +58,15 @@ def run_worker(
 
         resolve_model_path(ref.name, settings)  # fail now, not at the first job
     defaults = pool_defaults(ref, settings)
+    pool, concurrency = pool or defaults.pool, concurrency or defaults.concurrency
     if ref.provider == "llamacpp" and settings.llama_n_threads is None:
-        threads = llama_threads(concurrency or defaults.concurrency)
-        os.environ["SIBYLQ_LLAMA_N_THREADS"] = str(threads)  # inherited by the pool
+        os.environ["SIBYLQ_LLAMA_N_THREADS"] = str(llama_threads(concurrency))  # pool inherits
         get_settings.cache_clear()
         settings = get_settings()
     if processes > 1:
-        argv = ["worker", str(ref), f"--pool={pool or defaults.pool}", f"--loglevel={loglevel}"]
+        argv = ["worker", str(ref), f"--pool={pool}", f"--loglevel={loglevel}"]
         argv += [f"--queue={queue}"] if queue else []
-        return run_processes(argv, concurrency or defaults.concurrency, processes, settings)
+        return run_processes(argv, pool, concurrency, processes, settings)
     from . import default_app
 
     node = f"sibylq-{ref.provider}-{model_stem(ref.name) or 'any'}-{os.getpid()}@%h"
@@ -74,8 +74,8 @@ def run_worker(
         [
             "worker",
             f"--queues={queue or ref.queue}",
-            f"--pool={pool or defaults.pool}",
-            f"--concurrency={concurrency or defaults.concurrency}",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
             f"--hostname={node}",
             f"--loglevel={loglevel}",
             "--without-gossip",
@@ -85,10 +85,12 @@ def run_worker(
     return 0
 
 
-def run_processes(argv: list[str], concurrency: int, processes: int, settings: Settings) -> int:
+def run_processes(
+    argv: list[str], pool: str, concurrency: int, processes: int, settings: Settings
+) -> int:
     """``argv``'s worker as ``processes`` processes sharing ``concurrency`` (a fixed metrics
     port becomes one port per process, counting up)."""
-    if not any(arg == "--pool=threads" for arg in argv):
+    if pool != "threads":
         raise ConfigurationError(
             "--processes is for threads pools (API workers); a prefork pool's -c is already "
             "its number of processes"

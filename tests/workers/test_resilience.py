@@ -263,11 +263,6 @@ def test_a_job_that_kills_its_process_every_time_fails_typed(
     assert fake(producer, 0).call("and the next job") == "fake output"
 
 
-def _pool_children(worker: Worker) -> list[int]:
-    path = Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children")
-    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
-
-
 async def test_a_labeling_run_survives_killed_processes_and_workers(
     fleet: Fleet, producer: Client, tmp_path: Path
 ) -> None:
@@ -290,7 +285,7 @@ async def test_a_labeling_run_survives_killed_processes_and_workers(
 
     while written() < 6:
         await asyncio.sleep(0.05)
-    os.kill(_pool_children(survivor)[0], signal.SIGKILL)  # a process dies mid-job
+    os.kill(survivor.children()[0], signal.SIGKILL)  # a process dies mid-job
     while written() < 14:
         await asyncio.sleep(0.05)
     os.killpg(doomed.process.pid, signal.SIGKILL)  # a whole machine is lost

@@ -33,11 +33,6 @@ def test_the_concurrency_is_shared_evenly_with_at_least_one_each(
     assert split_concurrency(total, processes) == shares
 
 
-def _worker_pids(supervisor: int) -> list[int]:
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
-    return [int(pid) for pid in children.split()]
-
-
 def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
@@ -62,7 +57,7 @@ def test_two_processes_each_take_half_the_concurrency_and_share_the_jobs(
     url = client.settings.broker_url
     assert url is not None
     wait_for("both processes' heartbeats", lambda: _live_workers(url, QUEUE) == 2, 30)
-    assert len(_worker_pids(worker.process.pid)) == 2
+    assert len(worker.children()) == 2
     assert worker.log().count("concurrency: 2 (thread)") == 2
 
     model = Models.create("fake:delay=0.3", client=client, queue=QUEUE)
@@ -76,7 +71,7 @@ def test_a_signal_to_the_supervisor_stops_every_process_warmly(
 ) -> None:
     queue = queue_name("fake", "supervised-stop")
     worker = _two_processes(queue, worker_env, tmp_path)
-    children = _worker_pids(worker.process.pid)
+    children = worker.children()
     job = Models.create("fake:delay=1", client=client, queue=queue).call_async("finish me")
     wait_for("the job to start", lambda: job.status() == JobStatus.STARTED, 10)
 
@@ -93,7 +88,7 @@ def test_when_one_process_dies_the_others_stop_and_the_worker_exits_with_its_cod
 ) -> None:
     queue = queue_name("fake", "supervised-crash")
     worker = _two_processes(queue, worker_env, tmp_path)
-    first, second = _worker_pids(worker.process.pid)
+    first, second = worker.children()
 
     os.kill(first, signal.SIGKILL)
 
