@@ -166,8 +166,15 @@ def test_a_prefork_worker_counts_jobs_from_every_pool_process(
     assert prompt == sum(u.prompt_tokens for u in usage) > 0
     assert completion == sum(u.completion_tokens for u in usage) > 0
 
-    assert value(samples, "sibylq_jobs_running") == 0
-    assert value(samples, "sibylq_queue_depth", queue=QUEUE) == 0
+    # A pool process stores a job's result before it tells the main process the job ended, so
+    # the main process's count of running jobs catches up just after the last result.
+    idle = wait_for("the worker to count no running job", lambda: idle_scrape(port))
+    assert value(idle, "sibylq_queue_depth", queue=QUEUE) == 0
+
+
+def idle_scrape(port: int) -> Samples | None:
+    samples = scrape(port)
+    return samples if value(samples, "sibylq_jobs_running") == 0 else None
 
 
 def test_a_scrape_survives_redis_being_down() -> None:
