@@ -18,6 +18,7 @@ import redis
 from producer import Client, Settings
 from producer.constants import queue_name, workers_key
 from producer.redis_server import RedisServer, free_port
+from tests.dead_letters import without_dead_letters
 from tests.openai_stub import OpenAIStub
 
 HEARTBEAT_S = 0.5
@@ -151,6 +152,12 @@ def start_worker(
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def dead_letters(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """The result Redis, with no dead letter recorded before or after the test."""
+    yield from without_dead_letters(redis_server.url)
 
 
 @pytest.fixture(scope="session")

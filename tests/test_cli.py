@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,14 +14,7 @@ from producer import Client, Job
 from producer.deadletters import DeadLetter, list_dead, record
 from producer.redis_server import RedisServer
 from tests.conftest import Worker
-from tests.producer.test_deadletters import (
-    EXPIRE_S,
-    FAKE,
-    PARKED,
-    bury,
-    dead_letter,
-    without_dead_letters,
-)
+from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter
 
 
 def _sibylq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -71,11 +63,6 @@ def _sibylq_at(broker_url: str | None, *args: str) -> subprocess.CompletedProces
         text=True,
         timeout=60,
     )
-
-
-@pytest.fixture
-def dead_letters(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    yield from without_dead_letters(redis_server.url)
 
 
 @pytest.mark.parametrize("command", [["failed"], ["retry", "--all"]])
