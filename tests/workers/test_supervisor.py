@@ -42,11 +42,14 @@ def _live_workers(url: str, queue: str) -> int:
         return int(client.zcount(workers_key(queue), time.time() - 2, "+inf"))
 
 
+def _wait_both_beating(url: str, queue: str) -> None:
+    wait_for("both processes' heartbeats", lambda: _live_workers(url, queue) == 2, 30)
+
+
 def _two_processes(queue: str, env: dict[str, str], tmp_path: Path) -> Worker:
     """``sibylq worker fake --processes 2`` on ``queue``, once both processes beat."""
     worker = Worker(["fake", "--processes", "2", "-c", "2", "-Q", queue], env, tmp_path / "w.log")
-    url = env["SIBYLQ_BROKER_URL"]
-    wait_for("both processes' heartbeats", lambda: _live_workers(url, queue) == 2, 30)
+    _wait_both_beating(env["SIBYLQ_BROKER_URL"], queue)
     return worker
 
 
@@ -56,7 +59,7 @@ def test_two_processes_each_take_half_the_concurrency_and_share_the_jobs(
     worker = start_worker("fake", "--processes", "2", "-c", "4", "-Q", QUEUE, queue=QUEUE)
     url = client.settings.broker_url
     assert url is not None
-    wait_for("both processes' heartbeats", lambda: _live_workers(url, QUEUE) == 2, 30)
+    _wait_both_beating(url, QUEUE)
     assert len(worker.children()) == 2
     assert worker.log().count("concurrency: 2 (thread)") == 2
 
