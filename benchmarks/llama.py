@@ -32,14 +32,16 @@ LABELS = ["spam", "ham"]
 PROMPT = "Is this SMS spam? {text}"
 MODEL = "llamacpp:smollm2"
 
-#: The SMS Spam Collection (see its README); ``SIBYLQ_BENCH_DATA`` points elsewhere.
-DATA = Path(
-    os.environ.get("SIBYLQ_BENCH_DATA", REPO_ROOT.parent / "shared" / "data" / "sms_spam.jsonl")
-)
+#: The SMS Spam Collection (see its README); ``SIBYLQ_BENCH_DATA`` points elsewhere. Without
+#: it, the 50-message sample shipped in ``examples/`` (rows repeat past 50, and the run says so).
+FULL_DATA = REPO_ROOT.parent / "shared" / "data" / "sms_spam.jsonl"
+SAMPLE = REPO_ROOT / "examples" / "sms_spam_sample.jsonl"
+DATA = Path(os.environ.get("SIBYLQ_BENCH_DATA", FULL_DATA if FULL_DATA.is_file() else SAMPLE))
 
 
 def load_sms(limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` rows of the SMS dataset: ``{"id", "text", "label"}``."""
+    """``limit`` rows of the SMS dataset, ``{"id", "text", "label"}``: its first ones, cycled
+    when the dataset is shorter (the shipped sample)."""
     if not DATA.is_file():
         raise Skipped(f"no dataset at {DATA} (set SIBYLQ_BENCH_DATA)")
     rows = []
@@ -47,8 +49,10 @@ def load_sms(limit: int) -> list[dict[str, Any]]:
         for line in lines:
             rows.append(json.loads(line))
             if len(rows) == limit:
-                break
-    return rows
+                return rows
+    if len(rows) < limit:
+        print(f"llama: {DATA} has {len(rows)} rows: cycling them to {limit}", flush=True)
+    return [rows[i % len(rows)] for i in range(limit)]
 
 
 class DirectLoop:

@@ -9,8 +9,8 @@ from workers.celery_app import hard_time_limit_s
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-#: CI runs the suite in a fresh clone with a copy of shared/ beside it.
-COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+#: The Compose Specification's JSON Schema, shipped with the tests (tests/data/README.md).
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 
 
 def longest_job_s() -> float:
