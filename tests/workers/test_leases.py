@@ -14,7 +14,7 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from producer.constants import LEASES_RESUMED_KEY
+from producer.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY
 from producer.redis_server import RedisServer
 from producer.settings import Settings
 from workers.celery_app import broker_transport_options, hard_time_limit_s
@@ -107,7 +107,7 @@ def test_nothing_is_requeued_for_a_lease_after_renewals_resume(
     renewals_resumed_ago(client, 2 * LEASE_S)
     age(client, tag, 3 * LEASE_S)
     # Redis was away (restarted, unreachable) longer than half a lease: no beat renewed.
-    client.set("sibylq:leases:renewed", round((redis_now_s(client) - LEASE_S) * 1000))
+    client.set(LEASES_RENEWED_KEY, round((redis_now_s(client) - LEASE_S) * 1000))
 
     assert keeper.beat() == []  # the live workers get a lease to renew theirs
     assert client.hexists("unacked", tag)
