@@ -19,7 +19,11 @@ from .parking import Promoter
 from .store import result_redis
 from .task import run_job
 
-#: A prefork job's process is killed this long after its soft time limit.
+#: Celery's soft time limit comes this long after the job's own (prefork pools): a job's
+#: deadline ends cooperative work first, and ends it as JobTimeLimitError, not as whatever
+#: Celery's exception interrupts (storing the failure, say).
+SOFT_LIMIT_GRACE_S = 2.0
+#: A prefork job's process is killed this long after its time limit.
 HARD_LIMIT_GRACE_S = 30.0
 
 
@@ -37,7 +41,10 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_soft_time_limit=settings.job_time_limit_s,
+        # Jobs end themselves at the time limit (workers.backends.base.Deadline), on every
+        # pool; on prefork, Celery's soft limit (an exception in Python code that ignored it)
+        # and hard limit (the process killed) back that up.
+        task_soft_time_limit=settings.job_time_limit_s + SOFT_LIMIT_GRACE_S,
         task_time_limit=hard_time_limit_s(settings),
         broker_transport_options=broker_transport_options(settings),
         # Workers outlive any Redis outage: retry connecting forever (Celery's default gives
@@ -78,7 +85,7 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 def hard_time_limit_s(settings: Settings) -> float:
-    """When a prefork job's process is killed: 30 s after its soft limit (time to wind down,
+    """When a prefork job's process is killed: 30 s after its time limit (time to wind down,
     and for native code that ignores the soft limit's exception). Leases keep a running job
     from being handed to a second worker, however long it takes (``workers.leases``)."""
     return settings.job_time_limit_s + HARD_LIMIT_GRACE_S

@@ -62,7 +62,17 @@ class Fleet:
         log_path = self.logs / f"worker-{len(self.workers)}.log"
         worker = Worker(["fake", "-Q", QUEUE, *args], environment, log_path)
         self.workers.append(worker)
-        return worker.wait_ready(self.server.url, QUEUE)
+        worker.wait_ready(self.server.url, QUEUE)
+        # Its own heartbeat: another worker's would do for wait_ready.
+        self.wait_for("the worker's heartbeat", lambda: self.hostname(worker), 60)
+        return worker
+
+    def hostname(self, worker: Worker) -> str | None:
+        """The hostname ``worker`` beats under (``sibylq-fake-any-<pid>@host``), once it does."""
+        with self.redis() as client:
+            beating = client.zrange(workers_key(QUEUE), 0, -1)
+        mine = [name.decode() for name in beating if f"-{worker.process.pid}@".encode() in name]
+        return mine[0] if mine else None
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.server.url, socket_connect_timeout=2)
