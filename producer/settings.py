@@ -14,6 +14,8 @@ from .errors import ConfigurationError
 LEASE_BEATS = 4
 #: kombu's own visibility timeout when leases are in force (``broker_visibility_timeout_s``).
 BROKER_VISIBILITY_BACKSTOP_S = 3600
+#: A prefork job's process is killed this long after its time limit.
+HARD_LIMIT_GRACE_S = 30.0
 
 
 class RateLimit(BaseModel):
@@ -158,9 +160,10 @@ class Settings(BaseSettings):
     def broker_visibility_timeout_s(self) -> int:
         """kombu's own visibility timeout, now only a backstop: leases requeue a lost worker's
         jobs long before it, and a live worker's renewed jobs never reach it. Far past the
-        longest job (prefork kills at the limit + 30 s), so even a sibylq sweep that stopped
+        longest job (prefork kills it 30 s past its limit), so even a sibylq sweep that stopped
         working would never hand a running job to a second worker."""
-        return int(max(BROKER_VISIBILITY_BACKSTOP_S, 2 * (self.job_time_limit_s + 30)))
+        longest_s = self.job_time_limit_s + HARD_LIMIT_GRACE_S
+        return int(max(BROKER_VISIBILITY_BACKSTOP_S, 2 * longest_s))
 
     @property
     def result_url(self) -> str:

@@ -10,7 +10,7 @@ from celery.worker import state as worker_state
 
 from producer.client import Client
 from producer.constants import TASK_NAME
-from producer.settings import Settings, get_settings
+from producer.settings import HARD_LIMIT_GRACE_S, Settings, get_settings
 
 from .heartbeat import Heartbeat
 from .leases import LeaseKeeper
@@ -23,8 +23,6 @@ from .task import run_job
 #: deadline ends cooperative work first, and ends it as JobTimeLimitError, not as whatever
 #: Celery's exception interrupts (storing the failure, say).
 SOFT_LIMIT_GRACE_S = 2.0
-#: A prefork job's process is killed this long after its time limit.
-HARD_LIMIT_GRACE_S = 30.0
 
 
 def create_app(settings: Settings | None = None) -> Celery:

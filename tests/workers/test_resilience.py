@@ -36,6 +36,8 @@ HEARTBEAT_S = 0.5
 DEFAULT_LEASE_S: float = Settings.model_fields["visibility_timeout_s"].default
 #: The goal: a lost worker's job runs again within 30 s of its last heartbeat, by default.
 RECOVERY_GOAL_S = 30
+#: The lost worker's job: long enough to be running still when its worker is killed.
+LOST_JOB_S = 10
 #: The shortest lease the settings allow: four heartbeats.
 SHORT_LEASE_S = 4 * HEARTBEAT_S
 SHORT_LEASE_ENV = {"SIBYLQ_VISIBILITY_TIMEOUT_S": str(SHORT_LEASE_S)}
@@ -182,16 +184,17 @@ def test_a_lost_workers_job_runs_on_a_live_one_a_lease_after_its_last_heartbeat(
     fleet: Fleet, producer: Client, pool: str
 ) -> None:
     doomed = fleet.start("-P", pool, "-c", "1")  # the default lease
-    job: Job[str] = fake(producer, 2).call_async("the machine is lost")
+    job: Job[str] = fake(producer, LOST_JOB_S).call_async("the machine is lost")
     first = fleet.wait_for("the job to start", lambda: fleet.started(job.id), 20)
     assert f"-{doomed.process.pid}@" in first["hostname"]
     survivor = fleet.start("-P", pool, "-c", "1")
+    assert fleet.started(job.id) == first  # still running
 
     os.killpg(doomed.process.pid, signal.SIGKILL)  # the worker and its pool, all at once
     doomed.process.wait(timeout=10)
     last_beat = fleet.last_heartbeat(first["hostname"])
 
-    assert job.result(timeout=RECOVERY_GOAL_S + 15) == "fake output"
+    assert job.result(timeout=RECOVERY_GOAL_S + LOST_JOB_S + 15) == "fake output"
     envelope = job.envelope(timeout=5)
     assert f"-{survivor.process.pid}@" in envelope.worker
     recovery_s = envelope.timings.started_at.timestamp() - last_beat

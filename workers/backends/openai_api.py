@@ -134,7 +134,8 @@ class OpenAIBackend:
             if deadline.remaining_s() <= 0:  # the turn came too late
                 self._limiter.reconcile(scope, limits, estimate, 0)
                 raise deadline.error()
-            kwargs = {**kwargs, "timeout": min(timeout, deadline.remaining_s())}
+            timeout = min(timeout, deadline.remaining_s())
+            kwargs = {**kwargs, "timeout": timeout}
         try:
             response: ChatCompletion = self._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
@@ -144,8 +145,8 @@ class OpenAIBackend:
                 raise
             raise self._retry_later(exc, scope) from exc
         except openai.APITimeoutError as exc:
-            if deadline is not None:
-                deadline.check()  # cut short by the job's time limit: that is final
+            if deadline is not None and timeout < self._settings.openai_timeout_s:
+                raise deadline.error() from exc  # cut short by the job's time limit: final
             raise RetryLater(f"no answer from {self._endpoint} within {timeout:g} s") from exc
         except openai.APIConnectionError as exc:
             reason = f"cannot reach {self._endpoint}: {self._redact(str(exc))}"
