@@ -82,7 +82,9 @@ class Client:
             accept_content=["json"],
             result_backend=None,
             broker_connection_retry_on_startup=True,
-            broker_transport_options={"visibility_timeout": self.settings.visibility_timeout_s},
+            broker_transport_options={
+                "visibility_timeout": self.settings.broker_visibility_timeout_s
+            },
             task_publish_retry_policy={
                 "max_retries": 3,
                 "interval_start": 0.2,

@@ -28,11 +28,15 @@ Redis keys:
 ``sibylq:ratelimit:<scope>:tpm``  model (theoretical arrival times, unix ms), and until when a 429
 ``sibylq:ratelimit:<scope>:pause`` paused everyone sharing it
 ``sibylq:cache:<digest>``         a cached answer to an identical temperature-0 request
+``sibylq:leases:renewed``         when a worker last renewed its leases (Redis time, unix ms)
+``sibylq:leases:resumed``         when lease renewals resumed after a gap in them (unix ms)
 ================================  =============================================
 
 kombu's Redis transport keeps a queue's waiting messages in the list ``<queue>`` (pushed on
 the left, popped from the right: the oldest is at the tail), and messages sent with a
-priority in ``<queue>\x06\x16<step>`` (``queue_list_keys``).
+priority in ``<queue>\x06\x16<step>`` (``queue_list_keys``). A delivered, unacknowledged
+message is in the hash ``unacked`` (delivery tag -> message) and the sorted set
+``unacked_index`` (delivery tag -> delivered at, which ``workers.leases`` renews).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ DEAD_LETTERS_KEY = "sibylq:dead-letters"
 DEAD_LETTER_PREFIX = "sibylq:dead-letter:"
 RATE_LIMIT_PREFIX = "sibylq:ratelimit:"
 CACHE_PREFIX = "sibylq:cache:"
+LEASES_RENEWED_KEY = "sibylq:leases:renewed"
+LEASES_RESUMED_KEY = "sibylq:leases:resumed"
 #: How long per-minute failure counts are kept (``sibylq status`` sums at most this far back).
 FAILURES_RETENTION_S = 25 * 3600
 #: How long a queue nobody served stays in ``QUEUES_KEY``.

@@ -17,6 +17,7 @@
         │                           (truncated at max_tokens, bad JSON, wrong shape)
         ├── PromptTooLongError      the prompt does not fit the model's context
         └── BackendError            the model backend failed (HTTP error, load failure...)
+            └── JobTimeLimitError   the job ran past SIBYLQ_JOB_TIME_LIMIT_S on its worker
 
 Everything raised before a job is enqueued (configuration, target type, request) is raised in
 the caller's process, so nothing is sent. Failures on a worker travel back as strings
@@ -139,7 +140,13 @@ class BackendError(JobFailedError):
     """The model backend failed: an HTTP error from the API, a model that will not load..."""
 
 
+class JobTimeLimitError(BackendError):
+    """The job ran longer than ``SIBYLQ_JOB_TIME_LIMIT_S`` on its worker and was stopped. Final:
+    unlike ``JobTimeoutError`` (a wait that ran out), the job will not run again."""
+
+
 #: Remote failure types the worker reports, mapped back to local classes.
 REMOTE_FAILURES: dict[str, type[JobFailedError]] = {
-    cls.__name__: cls for cls in (OutputValidationError, PromptTooLongError, BackendError)
+    cls.__name__: cls
+    for cls in (OutputValidationError, PromptTooLongError, BackendError, JobTimeLimitError)
 }

@@ -10,6 +10,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
 
+#: A lease spans at least this many heartbeats (``SIBYLQ_VISIBILITY_TIMEOUT_S``).
+LEASE_BEATS = 4
+#: kombu's own visibility timeout when leases are in force (``broker_visibility_timeout_s``).
+BROKER_VISIBILITY_BACKSTOP_S = 3600
+#: A prefork job's process is killed this long after its time limit.
+HARD_LIMIT_GRACE_S = 30.0
+
 
 class RateLimit(BaseModel):
     """A provider's limits for one model: requests and tokens per minute (None: no limit)."""
@@ -51,8 +58,19 @@ class Settings(BaseSettings):
     broker_timeout_s: float = Field(
         default=120.0, gt=0, description="Fail a wait when Redis stays unreachable this long."
     )
-    job_time_limit_s: float = Field(default=600.0, gt=0)
-    visibility_timeout_s: int = Field(default=900, gt=0)
+    job_time_limit_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job running longer than this on a worker fails with JobTimeLimitError "
+        "(every pool; prefork also kills a process that overruns it by 30 s).",
+    )
+    visibility_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="The lease on a delivered job: a live worker renews it on every heartbeat, "
+        "and the jobs of a worker that stopped renewing are requeued this long after its last "
+        "renewal (workers.leases). A live worker's job is never requeued, however long it runs.",
+    )
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     max_deliveries: int = Field(
         default=3,
@@ -128,15 +146,24 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _visibility_outlasts_jobs(self) -> Settings:
-        # kombu's Redis transport redelivers any unacked message older than the visibility
-        # timeout, live worker or not: a job allowed to run longer would run twice.
-        if self.visibility_timeout_s <= self.job_time_limit_s:
+    def _lease_outlasts_missed_beats(self) -> Settings:
+        # Leases are renewed on every heartbeat: a lease of a few beats would requeue a live
+        # worker's jobs after one slow beat (a busy machine, a Redis hiccup).
+        if self.visibility_timeout_s < LEASE_BEATS * self.heartbeat_interval_s:
             raise ValueError(
-                f"SIBYLQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
-                f"SIBYLQ_JOB_TIME_LIMIT_S ({self.job_time_limit_s})"
+                f"SIBYLQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s:g}) must be at least "
+                f"{LEASE_BEATS} times SIBYLQ_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g})"
             )
         return self
+
+    @property
+    def broker_visibility_timeout_s(self) -> int:
+        """kombu's own visibility timeout, now only a backstop: leases requeue a lost worker's
+        jobs long before it, and a live worker's renewed jobs never reach it. Far past the
+        longest job (prefork kills it 30 s past its limit), so even a sibylq sweep that stopped
+        working would never hand a running job to a second worker."""
+        longest_s = self.job_time_limit_s + HARD_LIMIT_GRACE_S
+        return int(max(BROKER_VISIBILITY_BACKSTOP_S, 2 * longest_s))
 
     @property
     def result_url(self) -> str:

@@ -10,13 +10,19 @@ from celery.worker import state as worker_state
 
 from producer.client import Client
 from producer.constants import TASK_NAME
-from producer.settings import Settings, get_settings
+from producer.settings import HARD_LIMIT_GRACE_S, Settings, get_settings
 
 from .heartbeat import Heartbeat
+from .leases import LeaseKeeper
 from .metrics import WorkerMetrics, process_exited
 from .parking import Promoter
 from .store import result_redis
 from .task import run_job
+
+#: Celery's soft time limit comes this long after the job's own (prefork pools): a job's
+#: deadline ends cooperative work first, and ends it as JobTimeLimitError, not as whatever
+#: Celery's exception interrupts (storing the failure, say).
+SOFT_LIMIT_GRACE_S = 2.0
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -33,7 +39,10 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_soft_time_limit=settings.job_time_limit_s,
+        # Jobs end themselves at the time limit (workers.backends.base.Deadline), on every
+        # pool; on prefork, Celery's soft limit (an exception in Python code that ignored it)
+        # and hard limit (the process killed) back that up.
+        task_soft_time_limit=settings.job_time_limit_s + SOFT_LIMIT_GRACE_S,
         task_time_limit=hard_time_limit_s(settings),
         broker_transport_options=broker_transport_options(settings),
         # Workers outlive any Redis outage: retry connecting forever (Celery's default gives
@@ -74,39 +83,27 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 def hard_time_limit_s(settings: Settings) -> float:
-    """When a job's process is killed: 30 s after its soft limit (time to wind down, and for
-    native code that ignores the soft limit's exception), but always before its message
-    outlives the visibility timeout, which would hand it to a second worker while it runs."""
-    grace_s = min(30.0, (settings.visibility_timeout_s - settings.job_time_limit_s) / 2)
-    return settings.job_time_limit_s + grace_s
+    """When a prefork job's process is killed: 30 s after its time limit (time to wind down,
+    and for native code that ignores the soft limit's exception). Leases keep a running job
+    from being handed to a second worker, however long it takes (``workers.leases``)."""
+    return settings.job_time_limit_s + HARD_LIMIT_GRACE_S
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
-    """kombu Redis transport options: the visibility timeout, and how soon a live worker
-    requeues the jobs of a worker that vanished.
+    """kombu Redis transport options: its visibility timeout is only a backstop.
 
-    Redis redelivers an unacked job after the visibility timeout, live worker or not: it must
-    outlast the longest job (Settings checks it does). kombu requeues expired jobs only in a
-    periodic sweep (``QoS.restore_visible``) that by default runs every 10 s but scans Redis
-    only on every 10th run: ~100 s late, whatever the timeout. Scan every run, and run at
-    most a tenth of the timeout apart (1..10 s), so a lost worker's jobs run again within
-    about ``visibility_timeout_s`` + 10 s.
+    A lost worker's jobs are requeued by leases (``workers.leases``), renewed by every live
+    worker on each heartbeat, within ``SIBYLQ_VISIBILITY_TIMEOUT_S`` of its last one. kombu's
+    own sweep (``QoS.restore_visible``) would requeue any job delivered longer ago than its
+    timeout, live worker or not: it is set far past any job's end, where it only catches what
+    leases could not (``Settings.broker_visibility_timeout_s``), at kombu's own pace.
     """
-    timeout = settings.visibility_timeout_s
-    sweep_s = max(1, min(10, timeout // 10))
-    return {
-        "visibility_timeout": timeout,
-        "unacked_restore_interval": sweep_s,
-        "unacked_restore_throttle": 1,
-        # A sweep holds a Redis lock (default expiry 300 s): a worker killed while holding it
-        # would stall every other worker's sweeps that long. Sweeps take milliseconds, and
-        # two at once are safe (each requeue is a WATCH/MULTI transaction).
-        "unacked_mutex_expire": 3 * sweep_s + 5,
-    }
+    return {"visibility_timeout": settings.broker_visibility_timeout_s}
 
 
 def _attach_observability(app: Celery, settings: Settings) -> None:
-    """Heartbeats, metrics and the promoter of parked jobs, run by the worker's main process.
+    """Heartbeats, leases, metrics and the promoter of parked jobs, run by the worker's main
+    process.
 
     ``worker_init`` comes before the pool starts (prefork forks its children then): the
     metrics directory must exist by then for the children to write to it. ``worker_ready``
@@ -114,7 +111,7 @@ def _attach_observability(app: Celery, settings: Settings) -> None:
     the heartbeat carrying the port actually bound (``SIBYLQ_METRICS_PORT=0``).
     """
     exporters: list[WorkerMetrics] = []
-    running: list[WorkerMetrics | Heartbeat | Promoter] = []  # stopped last to first
+    running: list[WorkerMetrics | Heartbeat | LeaseKeeper | Promoter] = []  # stopped last first
 
     @signals.worker_init.connect(weak=False)
     def prepare(sender: Any, **_: Any) -> None:
@@ -143,9 +140,11 @@ def _attach_observability(app: Celery, settings: Settings) -> None:
         )
         beat.beat()
         beat.start()
+        leases = LeaseKeeper(app, settings)
+        leases.start()
         promoter = Promoter(result_redis(settings), Client(settings).celery)
         promoter.start()
-        running.extend((beat, promoter))
+        running.extend((beat, leases, promoter))
 
     @signals.worker_shutdown.connect(weak=False)
     def stop(sender: Any, **_: Any) -> None:

@@ -19,7 +19,7 @@ from producer.contract import Envelope, JobSpec, Message, Timings, Usage
 from producer.errors import OutputValidationError
 from producer.modelref import parse_model_ref
 
-from .backends.base import Backend, Completion, CompletionRequest
+from .backends.base import Backend, Completion, CompletionRequest, Deadline
 
 REASK_INSTRUCTION = (
     "Your answer above is not valid: {error}. Answer again with only the corrected JSON value, "
@@ -66,10 +66,17 @@ class Progress:
 
 
 def execute(
-    spec: JobSpec, backend: Backend, worker: str, progress: Progress, reask_max: int = 0
+    spec: JobSpec,
+    backend: Backend,
+    worker: str,
+    progress: Progress,
+    reask_max: int = 0,
+    deadline: Deadline | None = None,
 ) -> Envelope:
     """Complete ``spec`` with ``backend``; raises a SibylqError subclass when it fails, and
-    ``RetryLater`` (from the backend) when it should run again later."""
+    ``RetryLater`` (from the backend) when it should run again later. Past ``deadline`` the
+    job fails with ``JobTimeLimitError``: backends end their calls by it, and an answer that
+    comes back later anyway is refused."""
     if progress.started_at is None:
         progress.started_at = datetime.now(UTC)
     ref = parse_model_ref(spec.model)
@@ -82,9 +89,12 @@ def execute(
                 json_schema=spec.json_schema,
                 genconf=spec.genconf,
                 options=ref.options,
+                deadline=deadline,
             )
         )
         progress.record(completion)
+        if deadline is not None:
+            deadline.check()
         try:
             value = decode_output(spec, completion)
         except OutputValidationError as exc:

@@ -5,7 +5,8 @@ Every ``heartbeat_interval_s`` a worker stamps its hostname into ``sibylq:worker
 for each queue it consumes, its queues into ``sibylq:queues`` (the queues ``sibylq status``
 knows), and refreshes ``sibylq:worker:<hostname>``: its model, queues, pool, concurrency,
 the jobs it is running now (``busy``) and its metrics port. It writes to the result Redis,
-the one producers read.
+the one producers read. (The leases on the jobs a worker holds are renewed at the same pace,
+in the broker Redis, by ``workers.leases``.)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 from celery import Task, states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from producer import deadletters
 from producer.constants import FAILURES_RETENTION_S, failures_key
@@ -32,7 +32,7 @@ from producer.outcome import FAILURE_CARRIER
 from producer.settings import Settings, get_settings
 
 from . import metrics
-from .backends import Backend, RetryLater, create_backend
+from .backends import Backend, Deadline, RetryLater, create_backend
 from .delivery import JobFailure, begin_delivery, host, queue_of, retrying, store_success
 from .execute import Progress, execute
 from .parking import Parked, backoff_s, delay_after, park
@@ -80,7 +80,9 @@ def run_job(
         raise run.failed(Failure.decode(exc.args[0])) from None
     except SibylqError as exc:
         raise run.failed(_failure(exc, run.progress)) from exc
-    except Exception as exc:  # a soft time limit, a bug: Celery stores it as the failure
+    except SoftTimeLimitExceeded:  # prefork's own limit, the same as run.deadline
+        raise run.failed(_failure(run.deadline.error(), run.progress)) from None
+    except Exception as exc:  # a bug: Celery stores it as the failure
         run.failed(Failure(type=type(exc).__name__, message=str(exc)))
         raise
     if job_id:
@@ -101,6 +103,7 @@ class _Run:
         self.model = "unknown"  # until the job decodes
         self.spec: JobSpec | None = None
         self.duration_s: float | None = None
+        self.deadline = Deadline.after(self.settings.job_time_limit_s)
 
     def execute(self, cached: Envelope | None) -> tuple[JobSpec, Envelope]:
         spec = self.spec = self.spec or JobSpec.decode(self.payload)  # decoded at check-in
@@ -120,7 +123,8 @@ class _Run:
         if cached is not None:
             return cached.model_copy(update={"worker": worker})
         backend = backend_for(parse_model_ref(spec.model).provider, self.settings)
-        return execute(spec, backend, worker, self.progress, self.settings.reask_max)
+        reask_max = self.settings.reask_max
+        return execute(spec, backend, worker, self.progress, reask_max, self.deadline)
 
     def finish(self, status: str, *, error: str | None = None, usage: Usage | None = None) -> None:
         metrics.record_job(

@@ -57,7 +57,9 @@ def broker(own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 def beat(url: str, model: str, host: str) -> Heartbeat:
     """One heartbeat, as a worker named the way ``sibylq worker`` names it sends it."""
-    settings = Settings(broker_url=url, worker_model=model, heartbeat_interval_s=60)
+    settings = Settings(
+        broker_url=url, worker_model=model, heartbeat_interval_s=60, visibility_timeout_s=240
+    )
     queue = healthcheck_queue(model)
     heartbeat = Heartbeat(settings, f"sibylq-llamacpp-x-{os.getpid()}@{host}", [queue])
     heartbeat.beat()

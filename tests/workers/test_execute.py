@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 
 import pytest
 
 from producer.contract import JobKind, JobSpec, Message, Usage
-from producer.errors import OutputValidationError
+from producer.errors import JobTimeLimitError, OutputValidationError
 from producer.targets import target_for
-from workers.backends.base import Completion, CompletionRequest
+from workers.backends.base import Completion, CompletionRequest, Deadline
 from workers.execute import Progress, decode_output, execute
 
 SCHEMA = target_for(list[int]).json_schema
@@ -119,3 +120,28 @@ def test_progress_survives_a_round_trip_through_json() -> None:
     again = Progress.decode(json.loads(json.dumps(progress.encode())))
 
     assert again == progress
+
+
+# -- the job's time limit -------------------------------------------------------------------
+
+
+class _Overrunning:
+    """A backend that ignores the deadline (a blocking call nothing can interrupt)."""
+
+    def __init__(self) -> None:
+        self.requests: list[CompletionRequest] = []
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        self.requests.append(request)
+        assert request.deadline is not None
+        time.sleep(request.deadline.remaining_s() + 0.05)  # returns past it
+        return _completion("this is not json")
+
+
+def test_an_answer_that_comes_back_past_the_deadline_is_refused_and_not_re_asked() -> None:
+    deadline = Deadline.after(0.2)
+    backend = _Overrunning()
+
+    with pytest.raises(JobTimeLimitError, match=r"time limit of 0.2 s .*SIBYLQ_JOB_TIME_LIMIT_S"):
+        execute(_spec(), backend, "w", Progress(), reask_max=2, deadline=deadline)
+    assert [request.deadline for request in backend.requests] == [deadline]  # told, asked once

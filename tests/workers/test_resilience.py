@@ -1,4 +1,5 @@
-"""Jobs are never lost and never silently run twice when processes, workers or Redis die.
+"""Jobs are never lost and never silently run twice when processes, workers or Redis die, or
+when jobs run long.
 
 Every test gets its own redis-server (AOF on) and its own worker subprocesses on a private
 queue, so its visibility timeouts and kills reach nothing else. "Executions" are counted from
@@ -20,21 +21,27 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from producer import BackendError, Client, Job, Models, Settings
-from producer.constants import TASK_NAME, attempts_key, queue_name, result_key
+from producer import BackendError, Client, Job, JobTimeLimitError, Models, Settings
+from producer.constants import TASK_NAME, attempts_key, queue_name, result_key, workers_key
 from producer.redis_server import RedisServer
 from tests.conftest import Worker, wait_for
+from tests.faults import restart
 
 T = TypeVar("T")
 
 QUEUE = queue_name("fake", "resilience")
 HEARTBEAT_S = 0.5
-#: Kill tests use the default visibility timeout (900 s): a re-run within seconds cannot be
-#: kombu's visibility sweep. The lost-worker test sets these two small instead.
-LOST_WORKER_ENV = {"SIBYLQ_VISIBILITY_TIMEOUT_S": "8", "SIBYLQ_JOB_TIME_LIMIT_S": "5"}
-VISIBILITY_S = 8
-SWEEP_S = 1  # workers.celery_app.broker_transport_options: max(1, min(10, 8 // 10))
-SWEEP_LOCK_S = 3 * SWEEP_S + 5
+#: Kill tests use the default lease (SIBYLQ_VISIBILITY_TIMEOUT_S, 20 s): a re-run within
+#: seconds cannot be a lost worker's lease running out.
+DEFAULT_LEASE_S: float = Settings.model_fields["visibility_timeout_s"].default
+#: The goal: a lost worker's job runs again within 30 s of its last heartbeat, by default.
+RECOVERY_GOAL_S = 30
+#: The lost worker's job: long enough to be running still when its worker is killed.
+LOST_JOB_S = 10
+#: The shortest lease the settings allow: four heartbeats.
+SHORT_LEASE_S = 4 * HEARTBEAT_S
+SHORT_LEASE_ENV = {"SIBYLQ_VISIBILITY_TIMEOUT_S": str(SHORT_LEASE_S)}
+LOST_WORKER_ENV = {"SIBYLQ_VISIBILITY_TIMEOUT_S": "4"}
 POOL_CHECK_S = 5  # celery.concurrency.asynpool.AsynPool.timers: maintain_pool every 5 s
 
 
@@ -57,7 +64,17 @@ class Fleet:
         log_path = self.logs / f"worker-{len(self.workers)}.log"
         worker = Worker(["fake", "-Q", QUEUE, *args], environment, log_path)
         self.workers.append(worker)
-        return worker.wait_ready(self.server.url, QUEUE)
+        worker.wait_ready(self.server.url, QUEUE)
+        # Its own heartbeat: another worker's would do for wait_ready.
+        self.wait_for("the worker's heartbeat", lambda: self.hostname(worker), 60)
+        return worker
+
+    def hostname(self, worker: Worker) -> str | None:
+        """The hostname ``worker`` beats under (``sibylq-fake-any-<pid>@host``), once it does."""
+        with self.redis() as client:
+            beating = client.zrange(workers_key(QUEUE), 0, -1)
+        mine = [name.decode() for name in beating if f"-{worker.process.pid}@".encode() in name]
+        return mine[0] if mine else None
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.server.url, socket_connect_timeout=2)
@@ -86,6 +103,13 @@ class Fleet:
 
     def wait_for(self, what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
         return wait_for(what, probe, timeout_s, detail=lambda: self.logs_text()[-6000:])
+
+    def last_heartbeat(self, hostname: str) -> float:
+        """When the worker ``hostname`` last stamped its heartbeat (unix s)."""
+        with self.redis() as client:
+            score = client.zscore(workers_key(QUEUE), hostname)
+        assert score is not None, f"no heartbeat of {hostname}"
+        return float(score)
 
     def settle(self) -> None:
         """Wait until every job is acknowledged and none is queued: nothing can run again,
@@ -155,30 +179,92 @@ def test_a_job_whose_pool_process_dies_runs_again_at_once(fleet: Fleet, producer
     assert worker.process.poll() is None
 
 
-def test_a_lost_workers_job_runs_on_a_live_one_after_the_visibility_timeout(
-    fleet: Fleet, producer: Client
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_lost_workers_job_runs_on_a_live_one_a_lease_after_its_last_heartbeat(
+    fleet: Fleet, producer: Client, pool: str
 ) -> None:
-    doomed = fleet.start("-P", "prefork", "-c", "1", env=LOST_WORKER_ENV)
-    job: Job[str] = fake(producer, 2).call_async("the machine is lost")
+    doomed = fleet.start("-P", pool, "-c", "1")  # the default lease
+    job: Job[str] = fake(producer, LOST_JOB_S).call_async("the machine is lost")
     first = fleet.wait_for("the job to start", lambda: fleet.started(job.id), 20)
     assert f"-{doomed.process.pid}@" in first["hostname"]
-    with fleet.redis() as client:
-        [(_, delivered_at)] = client.zrange("unacked_index", 0, -1, withscores=True)
-    survivor = fleet.start("-P", "prefork", "-c", "1", env=LOST_WORKER_ENV)
+    survivor = fleet.start("-P", pool, "-c", "1")
+    assert fleet.started(job.id) == first  # still running
 
     os.killpg(doomed.process.pid, signal.SIGKILL)  # the worker and its pool, all at once
     doomed.process.wait(timeout=10)
+    last_beat = fleet.last_heartbeat(first["hostname"])
 
-    assert job.result(timeout=VISIBILITY_S + SWEEP_S + SWEEP_LOCK_S + 15) == "fake output"
+    assert job.result(timeout=RECOVERY_GOAL_S + LOST_JOB_S + 15) == "fake output"
     envelope = job.envelope(timeout=5)
     assert f"-{survivor.process.pid}@" in envelope.worker
-    waited = envelope.timings.started_at.timestamp() - delivered_at
-    # Not before the visibility timeout (a live worker's job would run twice), and soon
-    # after it: kombu sweeps every SWEEP_S, or after a dead sweeper's lock expires.
-    assert VISIBILITY_S <= waited < VISIBILITY_S + SWEEP_S + SWEEP_LOCK_S + 2
+    recovery_s = envelope.timings.started_at.timestamp() - last_beat
+    print(f"{pool}: ran again {recovery_s:.1f} s after its worker's last heartbeat")
+    # Not before the lease ran out (its last renewal and heartbeat are a beat apart at most),
+    # and well within the goal, whatever the job's length.
+    assert DEFAULT_LEASE_S - 2 * HEARTBEAT_S <= recovery_s < RECOVERY_GOAL_S
     fleet.settle()
     assert fleet.executions(job.id) == 1
     assert fleet.attempts(job.id) == 2
+    assert f"requeued job {job.id}: its worker stopped renewing its lease" in survivor.log()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_a_job_far_longer_than_the_lease_runs_once_on_its_live_worker(
+    fleet: Fleet, producer: Client, pool: str
+) -> None:
+    for _ in range(2):  # another worker, whose sweeps would take the job if they could
+        fleet.start("-P", pool, "-c", "1", env=SHORT_LEASE_ENV)
+    job: Job[str] = fake(producer, 5 * SHORT_LEASE_S).call_async("a long generation")
+
+    assert job.result(timeout=60) == "fake output"
+    fleet.settle()
+    assert fleet.attempts(job.id) == 1
+    assert fleet.executions(job.id) == 1
+    assert "requeued job" not in fleet.logs_text()
+
+
+def test_a_job_running_through_a_redis_outage_longer_than_the_lease_is_not_requeued(
+    fleet: Fleet, producer: Client, server: RedisServer
+) -> None:
+    for _ in range(3):  # the job's worker, and two whose first sweep could come first
+        fleet.start("-P", "prefork", "-c", "1", env=SHORT_LEASE_ENV)
+    job: Job[str] = fake(producer, 4 * SHORT_LEASE_S).call_async("Redis goes away")
+    fleet.wait_for("the job to start", lambda: fleet.started(job.id), 20)
+
+    # Nobody can renew a lease meanwhile: once Redis is back, the sweeps wait a lease for
+    # the live workers to renew theirs.
+    restart(server, down_s=2 * SHORT_LEASE_S)
+
+    assert job.result(timeout=60) == "fake output"
+    fleet.settle()
+    assert fleet.attempts(job.id) == 1
+    assert fleet.executions(job.id) == 1
+    assert "requeued job" not in fleet.logs_text()
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo", "prefork"])
+def test_a_job_past_its_time_limit_fails_typed_at_the_limit_and_never_runs_again(
+    fleet: Fleet, producer: Client, pool: str
+) -> None:
+    limit_s = 3 * SHORT_LEASE_S / 2  # a lease shorter than the limit, the job longer than both
+    env = {**SHORT_LEASE_ENV, "SIBYLQ_JOB_TIME_LIMIT_S": str(limit_s)}
+    for _ in range(2):  # another worker, free to take the job if it were requeued
+        fleet.start("-P", pool, "-c", "1", env=env)
+    job: Job[str] = fake(producer, 4 * limit_s).call_async("a runaway generation")
+    fleet.wait_for("the job to start", lambda: fleet.started(job.id), 20)
+    started = time.monotonic()
+
+    with pytest.raises(JobTimeLimitError, match=rf"time limit of {limit_s:g} s") as raised:
+        job.result(timeout=30)
+    failed_after_s = time.monotonic() - started
+    print(f"{pool}: failed {failed_after_s:.2f} s after it started (limit {limit_s:g} s)")
+
+    assert "SIBYLQ_JOB_TIME_LIMIT_S" in str(raised.value)
+    assert failed_after_s < 4 * limit_s  # at its limit, not at the job's end
+    fleet.settle()
+    assert fleet.attempts(job.id) == 1
+    assert fleet.executions(job.id) == 0
+    assert "requeued job" not in fleet.logs_text()
 
 
 def test_a_redis_restart_loses_and_repeats_nothing(

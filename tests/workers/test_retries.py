@@ -66,10 +66,9 @@ def strict(settings: Settings, redis_server: RedisServer) -> Iterator[Client]:
 def strict_worker(
     start_worker: Callable[..., Worker], stub: OpenAIStub, redis_server: RedisServer
 ) -> Worker:
-    """One slot, one retry, and a visibility timeout shorter than the waits it is told. On its
-    own Redis database: kombu's sweep requeues every worker's unacked messages older than the
-    sweeping worker's own visibility timeout, so workers sharing a database must share it."""
-    env = _env(stub, openai_max_retries="1", job_time_limit_s="1", visibility_timeout_s="2")
+    """One slot, one retry, and a lease (visibility timeout) shorter than the waits it is told.
+    On its own Redis database: workers sharing a database must share their lease."""
+    env = _env(stub, openai_max_retries="1", visibility_timeout_s="2")
     env["SIBYLQ_BROKER_URL"] = _strict_url(redis_server)
     return start_worker("openai", "-c", "1", "-Q", STRICT_QUEUE, queue=STRICT_QUEUE, env=env)
 
@@ -203,8 +202,8 @@ def test_a_job_waiting_for_its_retry_holds_no_worker_slot(
 def test_a_parked_job_is_not_redelivered_by_the_visibility_timeout(
     strict: Client, strict_worker: Worker, stub: OpenAIStub
 ) -> None:
-    # Told to wait 4 s, longer than the 2 s visibility timeout: a job waiting as an unacked
-    # message would be delivered again meanwhile and ask a third time.
+    # Told to wait 4 s, longer than the 2 s lease: the job waits parked, its message acked,
+    # and asks exactly twice.
     prompt = _prompt()
     job = _strict(strict, "stub-ratelimit-4000").call_async(prompt)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from producer.errors import UnknownModelError
 from producer.settings import Settings
 
-from .base import Backend, Completion, CompletionRequest, RetryLater
+from .base import Backend, Completion, CompletionRequest, Deadline, RetryLater
 
 
 def create_backend(provider: str, settings: Settings) -> Backend:
@@ -25,4 +25,11 @@ def create_backend(provider: str, settings: Settings) -> Backend:
     raise UnknownModelError(f"no backend for provider {provider!r}")
 
 
-__all__ = ["Backend", "Completion", "CompletionRequest", "RetryLater", "create_backend"]
+__all__ = [
+    "Backend",
+    "Completion",
+    "CompletionRequest",
+    "Deadline",
+    "RetryLater",
+    "create_backend",
+]

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from producer.contract import GenConf, Message, Usage
+from producer.errors import JobTimeLimitError
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a job's time on this worker is up (``SIBYLQ_JOB_TIME_LIMIT_S``), on the monotonic
+    clock. Backends end their waits and requests by it: Celery enforces time limits on prefork
+    pools only, and a thread cannot be killed."""
+
+    limit_s: float
+    at: float
+
+    @classmethod
+    def after(cls, limit_s: float) -> Deadline:
+        return cls(limit_s, time.monotonic() + limit_s)
+
+    def remaining_s(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self) -> None:
+        """Raise ``JobTimeLimitError`` once the time is up."""
+        if self.remaining_s() <= 0:
+            raise self.error()
+
+    def error(self) -> JobTimeLimitError:
+        return JobTimeLimitError(
+            f"the job ran past its time limit of {self.limit_s:g} s on the worker and was "
+            "stopped (SIBYLQ_JOB_TIME_LIMIT_S)"
+        )
 
 
 @dataclass(frozen=True)
@@ -16,6 +46,7 @@ class CompletionRequest:
     json_schema: dict[str, Any] | None
     genconf: GenConf
     options: Mapping[str, str] = field(default_factory=dict)
+    deadline: Deadline | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +73,8 @@ class RetryLater(Exception):  # noqa: N818 - a signal, not an error
 
 
 class Backend(Protocol):
-    """Runs one completion. Raises producer.errors.JobFailedError subclasses on failure, and
-    ``RetryLater`` when the same request may succeed later."""
+    """Runs one completion. Raises producer.errors.JobFailedError subclasses on failure
+    (``JobTimeLimitError`` when the request's deadline passes), and ``RetryLater`` when the same
+    request may succeed later."""
 
     def complete(self, request: CompletionRequest) -> Completion: ...

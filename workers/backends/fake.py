@@ -1,6 +1,7 @@
 """The ``fake`` backend: schema-valid output with no model at all, after an optional delay.
 
-For dry runs, pipeline tests and benchmarks: ``fake`` or ``fake:delay=0.2`` (seconds).
+For dry runs, pipeline tests and benchmarks: ``fake`` or ``fake:delay=0.2`` (seconds). A delay
+past the job's time limit ends at the limit, as a ``JobTimeLimitError``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ _FORMAT_EXAMPLES = {
 class FakeBackend:
     def complete(self, request: CompletionRequest) -> Completion:
         delay_s = _delay_s(request.options)
+        deadline = request.deadline
+        if deadline is not None and delay_s >= deadline.remaining_s():
+            time.sleep(max(0.0, deadline.remaining_s()))
+            raise deadline.error()
         if delay_s:  # sleep(0) still yields the CPU: a cost when every core is busy
             time.sleep(delay_s)
         if request.json_schema is None:

@@ -27,6 +27,10 @@ workers using the same endpoint, API key and model. A 429, a timeout, a connecti
 and retried by sibylq, never by the SDK (its retries are off). A 429 also pauses everyone
 sharing the scope until then. Other errors (400, 401, 404, a prompt too long, an exhausted
 quota) fail at once.
+
+A job's time limit bounds each run on a worker: a request's timeout is at most the time left,
+a request cut short by it fails the job with ``JobTimeLimitError``, and a turn in the rate
+limiter further away than that is waited for parked in Redis.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from producer.settings import RateLimit, Settings
 
 from ..ratelimit import RateLimiter, estimate_tokens, scope_for
 from ..store import result_redis
-from .base import Completion, CompletionRequest, RetryLater
+from .base import Completion, CompletionRequest, Deadline, RetryLater
 from .retry_after import server_delay_s
 
 Mode = Literal["json_schema", "tools", "json_object"]
@@ -123,7 +127,15 @@ class OpenAIBackend:
         scope = scope_for(self._base_url, self._client.api_key, request.model)
         limits = self._limits(request.model)
         estimate = estimate_tokens(request.messages, request.genconf.max_tokens)
-        self._take_turn(scope, request.model, limits, estimate)
+        deadline = request.deadline
+        self._take_turn(scope, request.model, limits, estimate, deadline)
+        timeout = self._settings.openai_timeout_s
+        if deadline is not None:
+            if deadline.remaining_s() <= 0:  # the turn came too late
+                self._limiter.reconcile(scope, limits, estimate, 0)
+                raise deadline.error()
+            timeout = min(timeout, deadline.remaining_s())
+            kwargs = {**kwargs, "timeout": timeout}
         try:
             response: ChatCompletion = self._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
@@ -133,7 +145,8 @@ class OpenAIBackend:
                 raise
             raise self._retry_later(exc, scope) from exc
         except openai.APITimeoutError as exc:
-            timeout = self._settings.openai_timeout_s
+            if deadline is not None and timeout < self._settings.openai_timeout_s:
+                raise deadline.error() from exc  # cut short by the job's time limit: final
             raise RetryLater(f"no answer from {self._endpoint} within {timeout:g} s") from exc
         except openai.APIConnectionError as exc:
             reason = f"cannot reach {self._endpoint}: {self._redact(str(exc))}"
@@ -142,11 +155,15 @@ class OpenAIBackend:
         self._limiter.reconcile(scope, limits, estimate, used)
         return response
 
-    def _take_turn(self, scope: str, model: str, limits: RateLimit, tokens: int) -> None:
-        """Wait for this request's turn in the fleet's limits, or park the job if it is far."""
-        grant = self._limiter.acquire(
-            scope, limits, tokens, max_wait_s=self._settings.rate_limit_max_wait_s
-        )
+    def _take_turn(
+        self, scope: str, model: str, limits: RateLimit, tokens: int, deadline: Deadline | None
+    ) -> None:
+        """Wait for this request's turn in the fleet's limits, or park the job if it is far
+        (or past the job's time limit: a parked job's next run has its own)."""
+        max_wait_s = self._settings.rate_limit_max_wait_s
+        if deadline is not None:
+            max_wait_s = max(0.0, min(max_wait_s, deadline.remaining_s()))
+        grant = self._limiter.acquire(scope, limits, tokens, max_wait_s=max_wait_s)
         if not grant.reserved:
             reason = f"waiting for the rate limit (or a 429 pause) of {model!r}"
             raise RetryLater(reason, delay_s=grant.wait_s, counts=False)
