@@ -12,6 +12,7 @@ its attempts so far. A job that finally fails is stored as a FAILURE and kept as
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -25,9 +26,9 @@ from celery.exceptions import Ignore
 from producer import deadletters
 from producer.constants import FAILURES_RETENTION_S, failures_key
 from producer.contract import Envelope, Failure, JobSpec, Usage
-from producer.deadletters import DeadLetter
-from producer.errors import BackendError, JobFailedError, SibylqError
-from producer.modelref import parse_model_ref
+from producer.deadletters import DeadLetter, RawMessage
+from producer.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
+from producer.modelref import parse_model_ref, serves
 from producer.outcome import FAILURE_CARRIER
 from producer.settings import Settings, get_settings
 
@@ -83,8 +84,9 @@ def run_job(
     except Exception as exc:  # a soft time limit, a bug: Celery stores it as the failure
         run.failed(Failure(type=type(exc).__name__, message=str(exc)))
         raise
-    if job_id:
-        store_success(job_id, spec, envelope, run.settings)
+    if job_id and not store_success(job_id, spec, envelope, run.settings):
+        run.finish("skipped", usage=envelope.usage)  # a first run's result was kept
+        return
     run.finish("succeeded", usage=envelope.usage)
 
 
@@ -105,6 +107,7 @@ class _Run:
     def execute(self, cached: Envelope | None) -> tuple[JobSpec, Envelope]:
         spec = self.spec = self.spec or JobSpec.decode(self.payload)  # decoded at check-in
         self.model = spec.model
+        refuse_unserved(spec, self.settings, host(self.task), self.queue)
         created = spec.created_at
         created = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
         wait_s = (datetime.now(UTC) - created).total_seconds()
@@ -137,9 +140,7 @@ class _Run:
         """Count the failure, record the dead letter; the carrier to raise."""
         self.finish("failed", error=failure.type, usage=failure.usage)
         count_failure(self.settings, self.queue)
-        job = self.job()
-        if job is not None:  # a malformed message is no job: nothing to retry
-            record_dead_letter(self.task, job, failure, self.settings)
+        record_dead_letter(self.task, self.job(), self.payload, failure, self.settings)
         return JobFailure(failure.encode())
 
     def job(self) -> JobSpec | None:
@@ -193,11 +194,48 @@ def priority_of(task: Task[Any, Any]) -> int:
     return int(info.get("priority") or 0)
 
 
+def refuse_unserved(spec: JobSpec, settings: Settings, worker: str, queue: str) -> None:
+    """Raise ``ConfigurationError`` for a job whose model this worker was not started for
+    (``sibylq worker MODEL``): a ``fake`` job sent to an ``openai`` worker's queue must not
+    run there. A worker started by plain ``celery worker`` names no model and runs any."""
+    if settings.worker_model is None or serves(settings.worker_model, spec.model):
+        return
+    raise ConfigurationError(
+        f"worker {worker} serves {settings.worker_model}, not {spec.model}: the job came from "
+        f"queue {queue}; send it to a queue that {spec.model} workers consume (by default "
+        f"`sibylq queue {spec.model}`)"
+    )
+
+
 def record_dead_letter(
-    task: Task[Any, Any], job: JobSpec, failure: Failure, settings: Settings
+    task: Task[Any, Any],
+    job: JobSpec | None,
+    payload: Any,
+    failure: Failure,
+    settings: Settings,
 ) -> None:
-    """Keep a finally failed job for ``sibylq failed`` / ``sibylq retry``. Best effort: the
-    failure itself is stored as the job's result whatever happens here."""
+    """Keep a finally failed job for ``sibylq failed`` / ``sibylq retry``; a payload that is
+    no job is kept as received. Best effort: the failure itself is stored as the job's result
+    whatever happens here."""
+    letter = _job_letter(task, job, failure) if job is not None else None
+    if letter is None:
+        letter = DeadLetter.undecodable(
+            job_id=task.request.id,
+            queue=queue_of(task),
+            priority=priority_of(task),
+            message=RawMessage.of(_as_received(payload), failure.message),
+            failure=failure,
+            worker=host(task),
+        )
+    try:
+        deadletters.record(result_redis(settings), letter, settings.dead_letters_expire_s)
+    except redis.RedisError as exc:
+        log.warning("cannot record dead letter %s: %s", letter.job_id, exc)
+
+
+def _job_letter(task: Task[Any, Any], job: JobSpec, failure: Failure) -> DeadLetter | None:
+    """The dead letter of a job, or None when the job cannot be encoded (a schema nested deeper
+    than pydantic serializes: ``ValueError``)."""
     letter = DeadLetter(
         job_id=task.request.id or "",
         queue=queue_of(task),
@@ -208,9 +246,18 @@ def record_dead_letter(
         worker=host(task),
     )
     try:
-        deadletters.record(result_redis(settings), letter, settings.dead_letters_expire_s)
-    except redis.RedisError as exc:
-        log.warning("cannot record dead letter %s: %s", letter.job_id, exc)
+        letter.encode()
+    except ValueError:
+        return None
+    return letter
+
+
+def _as_received(payload: Any) -> bytes:
+    """A job payload as JSON bytes (Celery decoded it from JSON: it encodes again)."""
+    try:
+        return json.dumps(payload).encode()
+    except (TypeError, ValueError, RecursionError):
+        return repr(type(payload)).encode()
 
 
 def count_failure(settings: Settings, queue: str) -> None:
