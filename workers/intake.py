@@ -52,7 +52,8 @@ _MAX_ID_LENGTH = 255
 #: How deep a body's arrays and objects may nest. A prefork worker's main process pickles a
 #: job's arguments to hand them to a pool process, and pickling recurses: near 500 levels it
 #: raises RecursionError there ("Unrecoverable error"; the warm shutdown puts the message
-#: back for the next worker). Jobs sibylq sends nest far less (their schemas are limited).
+#: back for the next worker); pydantic cannot serialize a job past ~250 levels either. Jobs
+#: sibylq sends nest far less.
 MAX_NESTING = 200
 _LOGGED_BYTES = 2048
 
@@ -131,7 +132,9 @@ def _check_body(body: str) -> None:
         content = json.loads(decoded)
     except (ValueError, RecursionError):
         raise MalformedError("the body is not JSON") from None
-    if _nests_deeper(content, MAX_NESTING):
+    # Nesting needs as many brackets: counting them is cheap, walking the body is not.
+    brackets = decoded.count("[") + decoded.count("{")
+    if brackets > MAX_NESTING and _nests_deeper(content, MAX_NESTING):
         raise MalformedError(f"the body nests more than {MAX_NESTING} levels deep")
     if not (isinstance(content, list) and len(content) == 3):
         raise MalformedError("the body is not Celery's [args, kwargs, embed]")
@@ -149,15 +152,15 @@ def _check_body(body: str) -> None:
 
 
 def _nests_deeper(value: Any, limit: int) -> bool:
-    """Whether ``value``'s lists and dicts nest more than ``limit`` levels (no recursion)."""
+    """Whether ``value`` (a list or dict) nests lists and dicts more than ``limit`` levels deep
+    (without recursion)."""
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > limit:
-                return True
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 

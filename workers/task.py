@@ -217,47 +217,30 @@ def record_dead_letter(
     """Keep a finally failed job for ``sibylq failed`` / ``sibylq retry``; a payload that is
     no job is kept as received. Best effort: the failure itself is stored as the job's result
     whatever happens here."""
-    letter = _job_letter(task, job, failure) if job is not None else None
-    if letter is None:
+    queue, priority, worker = queue_of(task), priority_of(task), host(task)
+    if job is not None:
+        letter = DeadLetter(
+            job_id=task.request.id or "",
+            queue=queue,
+            priority=priority,
+            job=job,
+            failure=failure,
+            failed_at=datetime.now(UTC),
+            worker=worker,
+        )
+    else:  # Celery decoded it from JSON (within workers.intake.MAX_NESTING): it encodes again
         letter = DeadLetter.undecodable(
             job_id=task.request.id,
-            queue=queue_of(task),
-            priority=priority_of(task),
-            message=RawMessage.of(_as_received(payload), failure.message),
+            queue=queue,
+            priority=priority,
+            message=RawMessage.of(json.dumps(payload).encode(), failure.message),
             failure=failure,
-            worker=host(task),
+            worker=worker,
         )
     try:
         deadletters.record(result_redis(settings), letter, settings.dead_letters_expire_s)
     except redis.RedisError as exc:
         log.warning("cannot record dead letter %s: %s", letter.job_id, exc)
-
-
-def _job_letter(task: Task[Any, Any], job: JobSpec, failure: Failure) -> DeadLetter | None:
-    """The dead letter of a job, or None when the job cannot be encoded (a schema nested deeper
-    than pydantic serializes: ``ValueError``)."""
-    letter = DeadLetter(
-        job_id=task.request.id or "",
-        queue=queue_of(task),
-        priority=priority_of(task),
-        job=job,
-        failure=failure,
-        failed_at=datetime.now(UTC),
-        worker=host(task),
-    )
-    try:
-        letter.encode()
-    except ValueError:
-        return None
-    return letter
-
-
-def _as_received(payload: Any) -> bytes:
-    """A job payload as JSON bytes (Celery decoded it from JSON: it encodes again)."""
-    try:
-        return json.dumps(payload).encode()
-    except (TypeError, ValueError, RecursionError):
-        return repr(type(payload)).encode()
 
 
 def count_failure(settings: Settings, queue: str) -> None:
