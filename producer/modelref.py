@@ -77,15 +77,10 @@ def _split_options(rest: str, ref: str) -> tuple[list[str], dict[str, str]]:
 
 def serves(worker_model: str, job_model: str) -> bool:
     """Whether a worker started for ``worker_model`` (``sibylq worker MODEL``) runs jobs for
-    ``job_model``: the same provider, and the same model unless the worker serves any model of
-    its provider (a bare ``openai``, any ``fake``). llama.cpp models match by file stem
-    (``llamacpp:/models/x.gguf`` serves ``llamacpp:x``). Options (``fake:delay=1``) never count.
-    """
+    ``job_model``: the same provider, and for llama.cpp the same model file (by stem:
+    ``llamacpp:/models/x.gguf`` serves ``llamacpp:x``). An API worker serves every model of its
+    endpoint, as its queue carries them all (``openai:<any>``, ``fake:<any options>``)."""
     served, wanted = parse_model_ref(worker_model, any_api_model=True), parse_model_ref(job_model)
     if served.provider != wanted.provider:
         return False
-    if served.provider == "fake" or not served.name:
-        return True
-    if served.provider == "llamacpp":
-        return model_stem(served.name) == model_stem(wanted.name)
-    return served.name == wanted.name
+    return served.provider != "llamacpp" or model_stem(served.name) == model_stem(wanted.name)

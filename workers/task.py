@@ -2,12 +2,16 @@
 
 Every delivery first checks in with the result Redis (``workers.delivery``): a finished job
 is not run again, a job that keeps killing its process is failed, STARTED is stored, and the
-answer cache's entry comes back. Then the job runs (``workers.execute``), unless the cache
-already held its answer, and its success is stored in one more round trip. A backend's
+answer cache's entry comes back. A job for a model this worker was not started for fails
+(``ConfigurationError``). Then the job runs (``workers.execute``), unless the cache already
+held its answer, and its success is stored in one more round trip, unless a first run of the
+same job stored its result already (the first result wins). A backend's
 ``RetryLater`` parks the job in Redis (``workers.parking``): the message is acked, the stored
 state becomes RETRY, and a promoter re-enqueues it when due, carrying the tokens and outputs of
 its attempts so far. A job that finally fails is stored as a FAILURE and kept as a dead letter
-(``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``.
+(``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``; a payload that is not a
+job is kept as received (messages that are not even Celery's are set aside before any task
+runs: ``workers.intake``).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_a_worker_may_serve_every_model_of_an_api() -> None:
     [
         ("openai", "openai:gpt-4o-mini", True),
         ("openai:gpt-4o-mini", "openai:gpt-4o-mini", True),
-        ("openai:gpt-4o-mini", "openai:gpt-4o", False),
+        ("openai:gpt-4o-mini", "openai:gpt-4o", True),  # one queue carries every model
         ("openai", "fake:delay=1", False),
         ("fake", "fake:delay=1", True),
         ("fake", "openai:gpt-4o-mini", False),
