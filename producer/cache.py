@@ -65,11 +65,13 @@ def decode_hit(raw: bytes | str, spec: JobSpec) -> Envelope | None:
         return None
 
 
-def stage(pipe: redis.client.Pipeline, spec: JobSpec, envelope: Envelope, ttl_s: int) -> None:
-    """Add caching a successful answer to ``pipe`` (nothing for an uncacheable request)."""
+def entry(spec: JobSpec, envelope: Envelope) -> tuple[str, str] | None:
+    """The cache entry (key, value) of a successful answer to ``spec``; None for an uncacheable
+    request or an answer that came from the cache."""
     key = entry_key(spec)
-    if key is not None and not envelope.cached:
-        pipe.set(key, envelope.model_dump_json(), ex=ttl_s)
+    if key is None or envelope.cached:
+        return None
+    return key, envelope.model_dump_json()
 
 
 def store_as_result(client: redis.Redis, job_id: str, envelope: Envelope, expires_s: int) -> None:

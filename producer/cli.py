@@ -172,14 +172,21 @@ def _run_retry(args: argparse.Namespace) -> int:
         raise InvalidRequestError("sibylq retry: give JOB_IDs or --all (not both)")
     if args.queue and not args.all:
         raise InvalidRequestError("sibylq retry: --queue goes with --all")
+    skipped = 0
     with _fleet() as client:
         if args.all:
             letters = list_dead(client.redis, queue=args.queue, limit=None)
-            job_ids = [letter.job_id for letter in reversed(letters)]  # oldest first
+            job_ids = [letter.job_id for letter in reversed(letters) if letter.job]  # oldest first
+            skipped = len(letters) - len(job_ids)
         else:
             job_ids = args.job_ids
         retried = retry_dead(client, job_ids)
     print(f"re-enqueued {len(retried)} failed job{'' if len(retried) == 1 else 's'}")
+    if skipped:
+        print(
+            f"skipped {skipped} undecodable message{'' if skipped == 1 else 's'} "
+            "(no job to run: `sibylq failed --json` shows them as received)"
+        )
     for job_id in retried:
         print(job_id)
     return 0

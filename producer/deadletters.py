@@ -8,6 +8,12 @@ A worker ``record``\\ s a job once it fails for good (no retry left). Two keys h
   pruned of entries older than that by every ``record``, and of entries whose record expired
   by every ``list_dead``.
 
+A message that a worker could not even decode into a job (not Celery's format, not JSON, not
+UTF-8, no job id...) is kept too, as a version-2 letter: no ``job``, but its ``message`` as
+received (``RawMessage``: its bytes in base64, and why it was refused), under its job id when
+it names one, else under ``undecodable_id`` of its bytes. It cannot be retried: there is no
+job to run. Version-1 letters (a job that ran and failed) are stored exactly as before.
+
 ``retry_dead`` re-enqueues a dead job under its own id, queue and priority, so whoever waits
 on or later reads that id gets the new result. The steps are ordered so that a crash midway
 never loses the job: the failed result and the delivery count are deleted (a worker drops a
@@ -18,6 +24,8 @@ enqueued and listed; retrying it again only runs it twice.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +33,7 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from redis import Redis, WatchError
 
 from .client import Client
@@ -37,23 +45,86 @@ from .errors import ContractError, InvalidRequestError
 _PAGE = 500
 
 
-class DeadLetter(BaseModel):
-    """A job that finally failed: what it was, where it ran, and how it failed."""
+class RawMessage(BaseModel):
+    """A message a worker could not decode into a job, as it was received."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: Literal[1] = 1
+    #: Why the worker refused it.
+    reason: str
+    #: Its bytes, in base64: they may be anything (not JSON, not UTF-8).
+    data: str
+
+    @classmethod
+    def of(cls, raw: bytes, reason: str) -> RawMessage:
+        return cls(reason=reason, data=base64.b64encode(raw).decode("ascii"))
+
+    def raw(self) -> bytes:
+        return base64.b64decode(self.data)
+
+    def text(self) -> str:
+        """Its bytes as text, undecodable bytes replaced: for display only."""
+        return self.raw().decode("utf-8", errors="replace")
+
+
+def undecodable_id(raw: bytes) -> str:
+    """The dead-letter id of an undecodable message that names no job: the same bytes, the same
+    letter."""
+    return f"undecodable-{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+class DeadLetter(BaseModel):
+    """A job that finally failed: what it was, where it ran, and how it failed. Version 2: a
+    message that never became a job (``job`` None, ``message`` as received)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1, 2] = 1
     job_id: str
     queue: str
     priority: int = 0
-    job: JobSpec
+    job: JobSpec | None = None
+    message: RawMessage | None = None
     failure: Failure
     failed_at: datetime
     #: The hostname of the worker it failed on.
     worker: str
 
+    @model_validator(mode="after")
+    def _job_or_message(self) -> DeadLetter:
+        expected = 1 if self.message is None else 2
+        if self.version != expected or (self.job is None) == (self.message is None):
+            raise ValueError(
+                "a version-1 dead letter holds its job, a version-2 one the raw message that "
+                "never became a job"
+            )
+        return self
+
+    @classmethod
+    def undecodable(
+        cls,
+        *,
+        job_id: str | None,
+        queue: str,
+        priority: int,
+        message: RawMessage,
+        failure: Failure,
+        worker: str,
+    ) -> DeadLetter:
+        return cls(
+            version=2,
+            job_id=job_id or undecodable_id(message.raw()),
+            queue=queue,
+            priority=priority,
+            message=message,
+            failure=failure,
+            failed_at=datetime.now(UTC),
+            worker=worker,
+        )
+
     def encode(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # A version-1 letter keeps its original shape: older readers forbid unknown keys.
+        return self.model_dump(mode="json", exclude={"message"} if self.message is None else None)
 
     @classmethod
     def decode(cls, data: object) -> DeadLetter:
@@ -85,16 +156,28 @@ def list_dead(
 
 
 def retry_dead(client: Client, job_ids: Sequence[str] | None) -> list[str]:
-    """Re-enqueue the dead jobs ``job_ids`` (None: every one, oldest first) under their own
-    ids, queues and priorities; returns the ids. Raises ``InvalidRequestError`` naming the
-    ids that are not dead letters, before enqueueing anything."""
+    """Re-enqueue the dead jobs ``job_ids`` (None: every one that can run again, oldest first)
+    under their own ids, queues and priorities; returns the ids. Raises
+    ``InvalidRequestError``, before enqueueing anything, naming the ids that are not dead
+    letters or that hold a message no worker could decode (there is no job to run)."""
     if job_ids is None:
-        found = list(_scan(client.redis, None))[::-1]
+        found = [(letter, raw) for letter, raw in _scan(client.redis, None) if letter.job][::-1]
     else:
         found = _load(client.redis, job_ids)
+        _refuse_undecodable([letter for letter, _ in found])
     for letter, raw in found:
         _retry(client, letter, raw)
     return [letter.job_id for letter, _ in found]
+
+
+def _refuse_undecodable(letters: Sequence[DeadLetter]) -> None:
+    refused = [f"{one.job_id} ({one.message.reason})" for one in letters if one.message]
+    if refused:
+        raise InvalidRequestError(
+            f"cannot retry {', '.join(refused)}: no worker could decode the message, so there is "
+            "no job to run. `sibylq failed --json` shows it as received (base64); submit the job "
+            "again, or forget it with `sibylq failed --purge`"
+        )
 
 
 def purge_dead(redis: Redis, job_ids: Sequence[str] | None) -> int:
@@ -143,6 +226,8 @@ def _load(redis: Redis, job_ids: Sequence[str]) -> list[tuple[DeadLetter, bytes 
 
 
 def _retry(client: Client, letter: DeadLetter, raw: bytes | str) -> None:
+    if letter.job is None:  # refused by retry_dead
+        raise InvalidRequestError(f"dead letter {letter.job_id} holds no job")
     client.redis.delete(result_key(letter.job_id), attempts_key(letter.job_id))
     # A fresh created_at: its queue wait (metrics, `sibylq status`) starts now.
     job = letter.job.model_copy(update={"created_at": datetime.now(UTC)})

@@ -73,3 +73,14 @@ def _split_options(rest: str, ref: str) -> tuple[list[str], dict[str, str]]:
         else:
             options[key] = value
     return names, options
+
+
+def serves(worker_model: str, job_model: str) -> bool:
+    """Whether a worker started for ``worker_model`` (``sibylq worker MODEL``) runs jobs for
+    ``job_model``: the same provider, and for llama.cpp the same model file (by stem:
+    ``llamacpp:/models/x.gguf`` serves ``llamacpp:x``). An API worker serves every model of its
+    endpoint, as its queue carries them all (``openai:<any>``, ``fake:<any options>``)."""
+    served, wanted = parse_model_ref(worker_model, any_api_model=True), parse_model_ref(job_model)
+    if served.provider != wanted.provider:
+        return False
+    return served.provider != "llamacpp" or model_stem(served.name) == model_stem(wanted.name)

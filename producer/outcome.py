@@ -23,6 +23,34 @@ FAILURE_CARRIER = "JobFailure"
 #: Celery's states after which a job never changes again.
 READY = ("SUCCESS", "FAILURE", "REVOKED")
 
+#: Lua: store a job's state unless a final one is stored already, and announce it on the job's
+#: channel. The first final result stored wins: a second run of the same job (a redelivery
+#: racing the first run) can neither replace it nor wake its waiters with another value.
+#: KEYS: result[, cache entry]. ARGV: meta (JSON), expiry (s, 0: none)[, cache value, cache
+#: expiry (s)]. Returns 1 when stored, 0 when a final state was already there. Every write of a
+#: result goes through it: ``workers.delivery`` (successes) and the workers' Celery result
+#: backend (failures, RETRY).
+STORE_UNLESS_FINAL = """
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, meta = pcall(cjson.decode, stored)
+  if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
+      or meta.status == 'REVOKED') then
+    return 0
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+end
+return 1
+"""
+
 
 def result_meta(job_id: str, status: str, result: Any) -> str:
     """A result as Celery's Redis backend stores it (for results sibylq writes itself)."""
@@ -45,6 +73,16 @@ def stage_success(pipe: redis.client.Pipeline, job_id: str, result: Any, expires
     meta = result_meta(job_id, "SUCCESS", result)
     pipe.set(result_key(job_id), meta, ex=expires_s)
     pipe.publish(result_key(job_id), meta)
+
+
+def failure_result(failure: Failure) -> dict[str, Any]:
+    """A ``Failure`` as Celery stores the exception that carries it (``failure_error`` reads it
+    back): for failures a worker stores without raising, such as a message it cannot decode."""
+    return {
+        "exc_type": FAILURE_CARRIER,
+        "exc_message": [failure.encode()],
+        "exc_module": "workers.delivery",
+    }
 
 
 def envelope_from_meta(meta: dict[str, Any], job_id: str) -> Envelope:

@@ -11,7 +11,7 @@ import redis
 
 from producer.constants import attempts_key, queue_name, result_key
 from producer.contract import Failure, JobKind, JobSpec, Message
-from producer.deadletters import DeadLetter, purge_dead, record
+from producer.deadletters import DeadLetter, RawMessage, purge_dead, record
 
 EXPIRE_S = 3600
 FAKE = queue_name("fake")
@@ -55,6 +55,19 @@ def dead_letter(
         ),
         failed_at=datetime.now(UTC) - timedelta(seconds=ago_s),
         worker="celery@test-host",
+    )
+
+
+def undecodable_letter(raw: bytes, job_id: str | None = None, *, queue: str = FAKE) -> DeadLetter:
+    """A message a worker could not decode, as ``workers.intake`` keeps it."""
+    reason = "the body is not JSON"
+    return DeadLetter.undecodable(
+        job_id=job_id,
+        queue=queue,
+        priority=0,
+        message=RawMessage.of(raw, reason),
+        failure=Failure(type="ContractError", message=f"could not be decoded: {reason}"),
+        worker="test-host",
     )
 
 

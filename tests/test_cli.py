@@ -14,7 +14,7 @@ from producer import Client, Job
 from producer.deadletters import DeadLetter, list_dead, record
 from producer.redis_server import RedisServer
 from tests.conftest import Worker
-from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter
+from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter, undecodable_letter
 
 
 def _sibylq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -172,3 +172,20 @@ def test_retry_refuses_what_it_cannot_do(
     result = _sibylq_at(redis_server.url, "retry", *args)
     assert (result.returncode, result.stdout) == (2, "")
     assert error in result.stderr
+
+
+def test_failed_lists_an_undecodable_message_and_retry_refuses_it(
+    redis_server: RedisServer, dead_letters: redis.Redis
+) -> None:
+    record(dead_letters, undecodable_letter(b"not json{", "broken-message"), EXPIRE_S)
+
+    listed = _sibylq_at(redis_server.url, "failed")
+    named = _sibylq_at(redis_server.url, "retry", "broken-message")
+    every = _sibylq_at(redis_server.url, "retry", "--all")
+
+    assert listed.returncode == 0 and "broken-message" in listed.stdout
+    assert "ContractError" in listed.stdout
+    assert named.returncode == 2 and "no worker could decode the message" in named.stderr
+    assert every.returncode == 0
+    assert "re-enqueued 0 failed jobs\nskipped 1 undecodable message" in every.stdout
+    assert [letter.job_id for letter in list_dead(dead_letters)] == ["broken-message"]

@@ -12,10 +12,13 @@ from producer.client import Client
 from producer.constants import TASK_NAME
 from producer.settings import HARD_LIMIT_GRACE_S, Settings, get_settings
 
+from .broker import TRANSPORT
+from .consumer import HoldDuplicates
 from .heartbeat import Heartbeat
 from .leases import LeaseKeeper
 from .metrics import WorkerMetrics, process_exited
 from .parking import Promoter
+from .results import BACKEND
 from .store import result_redis
 from .task import run_job
 
@@ -27,8 +30,13 @@ SOFT_LIMIT_GRACE_S = 2.0
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("sibylq", broker=settings.broker, backend=settings.result_url)
+    # Results go through Celery's Redis backend, except that no write replaces a final result
+    # (workers.results): when a job runs twice, the first result stored wins.
+    app = Celery("sibylq", broker=settings.broker, backend=f"{BACKEND}+{settings.result_url}")
     app.conf.update(
+        # kombu's Redis transport, screening every entry before it is decoded and closing
+        # cleanly when a connection dies mid-read (workers.broker).
+        broker_transport=TRANSPORT,
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",
         result_serializer="json",
@@ -78,6 +86,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         ignore_result=True,
         store_errors_even_if_ignored=True,
     )(run_job)
+    # A delivery of a job this worker is already running waits for that run (workers.consumer).
+    app.steps["consumer"].add(HoldDuplicates)
     _attach_observability(app, settings)
     return app
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from celery import Celery
+
 from producer.errors import ConfigurationError
 from producer.modelref import ModelRef, model_stem, parse_model_ref
 from producer.settings import Settings, get_settings
@@ -70,7 +72,8 @@ def run_worker(
     from . import default_app
 
     node = f"sibylq-{ref.provider}-{model_stem(ref.name) or 'any'}-{os.getpid()}@%h"
-    default_app().worker_main(
+    return celery_worker(
+        default_app(),
         [
             "worker",
             f"--queues={queue or ref.queue}",
@@ -80,9 +83,26 @@ def run_worker(
             f"--loglevel={loglevel}",
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
     )
-    return 0
+
+
+def celery_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` in this process; returns its exit code.
+
+    What ``app.worker_main(argv)`` does, except for the exit code: ``Celery.start`` runs the
+    command with click's ``standalone_mode=False``, where click *returns* the code the worker
+    exits with (1 after "Unrecoverable error"), and drops it: every stop looked like success
+    (exit 0), and a supervisor restarting on failure never restarted the worker.
+    """
+    from celery.bin.celery import celery as command
+
+    command.params[0].default = app  # the --app option, as Celery.start sets it
+    try:
+        code = command.main(args=argv, standalone_mode=False)
+    finally:
+        command.params[0].default = None
+    return code if isinstance(code, int) else 0
 
 
 def run_processes(

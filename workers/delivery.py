@@ -17,8 +17,11 @@ The check-in (one Lua call):
 
 A success is stored by the task itself (the task ignores its return value: Celery's backend
 would read the key, then write it, then the cache entry would be a third trip): the result, its
-announcement to waiters and the cache entry go in one transaction. Failures are still stored
-by Celery (``store_errors_even_if_ignored``), which also covers time limits and lost processes.
+announcement to waiters and the cache entry go in one Lua call. Failures are still stored by
+Celery (``store_errors_even_if_ignored``), which also covers time limits and lost processes,
+through the workers' result backend (``workers.results``). Both refuse to replace a final
+result (``producer.outcome.STORE_UNLESS_FINAL``): when a job runs twice, the first result
+stored wins, and its waiters never see another.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ from celery.exceptions import Ignore
 from producer import cache as answers
 from producer.constants import attempts_key, result_key
 from producer.contract import Envelope, Failure, JobSpec
-from producer.outcome import result_meta, stage_success
+from producer.outcome import STORE_UNLESS_FINAL, failure_result, result_meta
 from producer.settings import Settings
 
 from . import metrics
-from .store import result_redis, script
+from .store import script
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +108,31 @@ def begin_delivery(
     return None if spec is None or not cached else answers.decode_hit(cached, spec)
 
 
-def store_success(job_id: str, spec: JobSpec, envelope: Envelope, settings: Settings) -> None:
-    """Store the job's result, wake its waiters and cache the answer, in one round trip."""
+def store_success(job_id: str, spec: JobSpec, envelope: Envelope, settings: Settings) -> bool:
+    """Store the job's result, wake its waiters and cache the answer, in one round trip;
+    False (nothing stored) when the job already has a final result."""
+    meta = result_meta(job_id, states.SUCCESS, envelope.encode())
+    keys, args = [result_key(job_id)], [meta, settings.result_expires_s]
+    cached = answers.entry(spec, envelope) if settings.cache else None
+    if cached is not None:
+        keys.append(cached[0])
+        args += [cached[1], settings.cache_ttl_s]
+    return _store_unless_final(keys, args, settings)
 
-    def store() -> None:
-        with result_redis(settings).pipeline(transaction=True) as pipe:
-            stage_success(pipe, job_id, envelope.encode(), settings.result_expires_s)
-            if settings.cache:
-                answers.stage(pipe, spec, envelope, settings.cache_ttl_s)
-            pipe.execute()
 
-    retrying(store)
+def store_failure(job_id: str, failure: Failure, settings: Settings) -> bool:
+    """Store ``failure`` as the job's result and wake its waiters, unless the job already has
+    a final result (then False)."""
+    meta = result_meta(job_id, states.FAILURE, failure_result(failure))
+    return _store_unless_final([result_key(job_id)], [meta, settings.result_expires_s], settings)
+
+
+def _store_unless_final(keys: list[str], args: list[Any], settings: Settings) -> bool:
+    store = script(settings, STORE_UNLESS_FINAL)
+    stored = bool(retrying(lambda: store(keys=keys, args=args)))
+    if not stored:
+        log.warning("job %s already has a final result: keeping it", keys[0])
+    return stored
 
 
 def retrying(operation: Callable[[], T]) -> T:

@@ -2,16 +2,21 @@
 
 Every delivery first checks in with the result Redis (``workers.delivery``): a finished job
 is not run again, a job that keeps killing its process is failed, STARTED is stored, and the
-answer cache's entry comes back. Then the job runs (``workers.execute``), unless the cache
-already held its answer, and its success is stored in one more round trip. A backend's
+answer cache's entry comes back. A job for a model this worker was not started for fails
+(``ConfigurationError``). Then the job runs (``workers.execute``), unless the cache already
+held its answer, and its success is stored in one more round trip, unless a first run of the
+same job stored its result already (the first result wins). A backend's
 ``RetryLater`` parks the job in Redis (``workers.parking``): the message is acked, the stored
 state becomes RETRY, and a promoter re-enqueues it when due, carrying the tokens and outputs of
 its attempts so far. A job that finally fails is stored as a FAILURE and kept as a dead letter
-(``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``.
+(``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``; a payload that is not a
+job is kept as received (messages that are not even Celery's are set aside before any task
+runs: ``workers.intake``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -25,9 +30,9 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from producer import deadletters
 from producer.constants import FAILURES_RETENTION_S, failures_key
 from producer.contract import Envelope, Failure, JobSpec, Usage
-from producer.deadletters import DeadLetter
-from producer.errors import BackendError, JobFailedError, SibylqError
-from producer.modelref import parse_model_ref
+from producer.deadletters import DeadLetter, RawMessage
+from producer.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
+from producer.modelref import parse_model_ref, serves
 from producer.outcome import FAILURE_CARRIER
 from producer.settings import Settings, get_settings
 
@@ -85,8 +90,9 @@ def run_job(
     except Exception as exc:  # a bug: Celery stores it as the failure
         run.failed(Failure(type=type(exc).__name__, message=str(exc)))
         raise
-    if job_id:
-        store_success(job_id, spec, envelope, run.settings)
+    if job_id and not store_success(job_id, spec, envelope, run.settings):
+        run.finish("skipped", usage=envelope.usage)  # a first run's result was kept
+        return
     run.finish("succeeded", usage=envelope.usage)
 
 
@@ -108,6 +114,7 @@ class _Run:
     def execute(self, cached: Envelope | None) -> tuple[JobSpec, Envelope]:
         spec = self.spec = self.spec or JobSpec.decode(self.payload)  # decoded at check-in
         self.model = spec.model
+        refuse_unserved(spec, self.settings, host(self.task), self.queue)
         created = spec.created_at
         created = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
         wait_s = (datetime.now(UTC) - created).total_seconds()
@@ -141,9 +148,7 @@ class _Run:
         """Count the failure, record the dead letter; the carrier to raise."""
         self.finish("failed", error=failure.type, usage=failure.usage)
         count_failure(self.settings, self.queue)
-        job = self.job()
-        if job is not None:  # a malformed message is no job: nothing to retry
-            record_dead_letter(self.task, job, failure, self.settings)
+        record_dead_letter(self.task, self.job(), self.payload, failure, self.settings)
         return JobFailure(failure.encode())
 
     def job(self) -> JobSpec | None:
@@ -197,20 +202,49 @@ def priority_of(task: Task[Any, Any]) -> int:
     return int(info.get("priority") or 0)
 
 
-def record_dead_letter(
-    task: Task[Any, Any], job: JobSpec, failure: Failure, settings: Settings
-) -> None:
-    """Keep a finally failed job for ``sibylq failed`` / ``sibylq retry``. Best effort: the
-    failure itself is stored as the job's result whatever happens here."""
-    letter = DeadLetter(
-        job_id=task.request.id or "",
-        queue=queue_of(task),
-        priority=priority_of(task),
-        job=job,
-        failure=failure,
-        failed_at=datetime.now(UTC),
-        worker=host(task),
+def refuse_unserved(spec: JobSpec, settings: Settings, worker: str, queue: str) -> None:
+    """Raise ``ConfigurationError`` for a job whose model this worker was not started for
+    (``sibylq worker MODEL``): a ``fake`` job sent to an ``openai`` worker's queue must not
+    run there. A worker started by plain ``celery worker`` names no model and runs any."""
+    if settings.worker_model is None or serves(settings.worker_model, spec.model):
+        return
+    raise ConfigurationError(
+        f"worker {worker} serves {settings.worker_model}, not {spec.model}: the job came from "
+        f"queue {queue}; send it to a queue that {spec.model} workers consume (by default "
+        f"`sibylq queue {spec.model}`)"
     )
+
+
+def record_dead_letter(
+    task: Task[Any, Any],
+    job: JobSpec | None,
+    payload: Any,
+    failure: Failure,
+    settings: Settings,
+) -> None:
+    """Keep a finally failed job for ``sibylq failed`` / ``sibylq retry``; a payload that is
+    no job is kept as received. Best effort: the failure itself is stored as the job's result
+    whatever happens here."""
+    queue, priority, worker = queue_of(task), priority_of(task), host(task)
+    if job is not None:
+        letter = DeadLetter(
+            job_id=task.request.id or "",
+            queue=queue,
+            priority=priority,
+            job=job,
+            failure=failure,
+            failed_at=datetime.now(UTC),
+            worker=worker,
+        )
+    else:  # Celery decoded it from JSON (within workers.intake.MAX_NESTING): it encodes again
+        letter = DeadLetter.undecodable(
+            job_id=task.request.id,
+            queue=queue,
+            priority=priority,
+            message=RawMessage.of(json.dumps(payload).encode(), failure.message),
+            failure=failure,
+            worker=worker,
+        )
     try:
         deadletters.record(result_redis(settings), letter, settings.dead_letters_expire_s)
     except redis.RedisError as exc:

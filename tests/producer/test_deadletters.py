@@ -19,9 +19,16 @@ from producer.constants import (
     result_key,
 )
 from producer.contract import JobSpec
-from producer.deadletters import DeadLetter, list_dead, purge_dead, record, retry_dead
+from producer.deadletters import (
+    DeadLetter,
+    list_dead,
+    purge_dead,
+    record,
+    retry_dead,
+    undecodable_id,
+)
 from tests.conftest import Worker, wait_for
-from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter
+from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter, undecodable_letter
 
 
 def ids(letters: list[DeadLetter]) -> list[str]:
@@ -184,3 +191,52 @@ class TestRetry:
         assert retry_dead(client, [first.job_id]) == [first.job_id]
 
         assert list_dead(dead_letters) == [again]
+
+
+class TestUndecodableMessages:
+    RAW = b"\x00\xff{not json, not UTF-8"
+
+    def test_a_message_no_worker_could_decode_is_kept_byte_for_byte(
+        self, dead_letters: redis.Redis
+    ) -> None:
+        record(dead_letters, undecodable_letter(self.RAW), EXPIRE_S)
+
+        [letter] = list_dead(dead_letters)
+
+        assert letter.job_id == undecodable_id(self.RAW)
+        assert letter.job is None and letter.message is not None
+        assert letter.message.raw() == self.RAW
+        stored = json.loads(dead_letters.get(dead_letter_key(letter.job_id)) or "")
+        assert (stored["version"], stored["job"]) == (2, None)
+
+    def test_a_version_1_letter_keeps_the_shape_older_readers_know(
+        self, dead_letters: redis.Redis
+    ) -> None:
+        letter = dead_letter("as-before")
+        shape = {"version", "job_id", "queue", "priority", "job", "failure", "failed_at", "worker"}
+
+        assert set(letter.encode()) == shape
+        assert DeadLetter.decode(letter.encode()) == letter
+        with pytest.raises(ContractError, match="raw message"):
+            DeadLetter.decode({**letter.encode(), "version": 2})
+
+    def test_retrying_one_is_refused_by_name_and_nothing_is_enqueued(
+        self, dead_letters: redis.Redis, client: Client
+    ) -> None:
+        job = dead_letter("retryable", queue=PARKED)
+        bury(dead_letters, job)
+        record(dead_letters, undecodable_letter(self.RAW, "named-but-broken"), EXPIRE_S)
+
+        with pytest.raises(InvalidRequestError, match=r"named-but-broken .*no worker could decode"):
+            retry_dead(client, [job.job_id, "named-but-broken"])
+
+        assert sorted(ids(list_dead(dead_letters))) == ["named-but-broken", "retryable"]
+        assert Job.from_id(job.job_id, client=client).status() is JobStatus.FAILURE
+
+    def test_retrying_every_dead_job_skips_them(
+        self, dead_letters: redis.Redis, client: Client
+    ) -> None:
+        record(dead_letters, undecodable_letter(self.RAW), EXPIRE_S)
+
+        assert retry_dead(client, None) == []
+        assert ids(list_dead(dead_letters)) == [undecodable_id(self.RAW)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from producer.errors import UnknownModelError
-from producer.modelref import parse_model_ref
+from producer.modelref import parse_model_ref, serves
 
 
 @pytest.mark.parametrize(
@@ -39,3 +39,23 @@ def test_bad_references(ref: str) -> None:
 
 def test_a_worker_may_serve_every_model_of_an_api() -> None:
     assert parse_model_ref("openai", any_api_model=True).queue == "sibylq.openai"
+
+
+@pytest.mark.parametrize(
+    ("worker_model", "job_model", "served"),
+    [
+        ("openai", "openai:gpt-4o-mini", True),
+        ("openai:gpt-4o-mini", "openai:gpt-4o-mini", True),
+        ("openai:gpt-4o-mini", "openai:gpt-4o", True),  # one queue carries every model
+        ("openai", "fake:delay=1", False),
+        ("fake", "fake:delay=1", True),
+        ("fake", "openai:gpt-4o-mini", False),
+        ("llamacpp:/models/smollm2.gguf", "llamacpp:smollm2", True),
+        ("llamacpp:smollm2", "llamacpp:qwen", False),
+        ("llamacpp:smollm2", "fake", False),
+    ],
+)
+def test_a_worker_serves_its_own_models_only(
+    worker_model: str, job_model: str, served: bool
+) -> None:
+    assert serves(worker_model, job_model) is served
