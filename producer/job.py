@@ -1,7 +1,9 @@
 """``Job``: a small typed handle over one enqueued job, rebuildable from its id.
 
 Awaitable (``await job``), blocking (``job.result(timeout)``), and cheap: a waiting handle
-holds a future on the process's shared result listener, not a thread or a connection.
+holds a future on the process's shared result listener, not a thread or a connection. A
+handle that has resolved keeps its outcome, as a future does: awaiting it again gives the same
+value (or error) at once; ``Job.from_id`` makes a fresh handle that reads Redis again.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Job(Generic[T]):
         self.queue = queue
         self._client = client
         self._target = target
+        self._outcome: dict[str, Any] | None = None  # the stored result, once it is ready
 
     @classmethod
     def from_id(
@@ -86,6 +89,8 @@ class Job(Generic[T]):
     ) -> Envelope:
         """Block until the job finishes; the stored envelope (raw text, usage, timings).
         ``subscription``: one already open on this job's channel (else one is opened)."""
+        if self._outcome is not None:
+            return self._open(self._outcome)
         if subscription is None:
             with self._client.subscription(self.id) as opened:
                 return self.envelope(timeout, subscription=opened)
@@ -94,7 +99,7 @@ class Job(Generic[T]):
         while True:
             step = _advance(flow, answer)
             if not isinstance(step, Wait | CheckWorkers):
-                return self._open(step)
+                return self._resolved(step)
             answer = (
                 subscription.wait(step.seconds)
                 if isinstance(step, Wait)
@@ -103,6 +108,8 @@ class Job(Generic[T]):
 
     async def envelope_async(self, timeout: float | None = None) -> Envelope:
         """Await the job's envelope."""
+        if self._outcome is not None:
+            return self._open(self._outcome)
         flow = self._flow(timeout)
         answer: Any = None
         listener = self._client.listener()
@@ -111,7 +118,7 @@ class Job(Generic[T]):
             while True:
                 step = _advance(flow, answer)
                 if not isinstance(step, Wait | CheckWorkers):
-                    return self._open(step)
+                    return self._resolved(step)
                 answer = await (
                     listener.wait(future, step.seconds)
                     if isinstance(step, Wait)
@@ -144,6 +151,10 @@ class Job(Generic[T]):
             check_every_s=max(2.0, 2 * settings.heartbeat_interval_s),
         )
         return wait_flow(plan)
+
+    def _resolved(self, meta: dict[str, Any]) -> Envelope:
+        self._outcome = meta
+        return self._open(meta)
 
     def _open(self, meta: dict[str, Any]) -> Envelope:
         return envelope_from_meta(meta, self.id)

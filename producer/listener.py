@@ -2,9 +2,11 @@
 
 Each handle costs a future, not a thread or a connection: the listener holds one pub/sub
 connection and one command connection. It subscribes to a job's result channel, then reads
-the stored result once (a result stored before the subscription is caught there). After a
-lost connection it reconnects, resubscribes everything pending and re-reads every pending
-key, so results published while Redis was away are not missed.
+the stored result (a result stored before the subscription is caught there). Every new watch
+is followed by such a read, also of a job whose channel is subscribed already: its result may
+have been announced before that watch (a handle awaited again right after its first await).
+After a lost connection it reconnects, resubscribes everything pending and re-reads every
+pending key, so results published while Redis was away are not missed.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ResultListener:
         self._redis = aioredis.Redis(connection_pool=pool)
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
         self._subscribed: set[str] = set()
+        self._unread: set[str] = set()  # watched since their stored result was last read
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._presence: dict[str, tuple[float, bool]] = {}
@@ -63,6 +66,7 @@ class ResultListener:
         """A future resolved with the job's result once it is stored."""
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(future)
+        self._unread.add(job_id)
         future.add_done_callback(lambda done: self._unwatch(job_id, done))
         self._changed.set()
         if self._task is None or self._task.done():
@@ -163,14 +167,19 @@ class ResultListener:
         self._changed.clear()
 
     async def _sync_subscriptions(self, pubsub: aioredis.client.PubSub) -> None:
+        """Subscribe to the jobs newly watched and drop the others; then read the stored
+        result of every job watched since the last read, once its channel is subscribed."""
         gone = [job_id for job_id in self._subscribed if job_id not in self._waiters]
         new = [job_id for job_id in self._waiters if job_id not in self._subscribed]
+        unread, self._unread = self._unread, set()
         for chunk in _chunks(gone):
             await pubsub.unsubscribe(*map(result_key, chunk))
             self._subscribed.difference_update(chunk)
         for chunk in _chunks(new):
             await pubsub.subscribe(*map(result_key, chunk))
             self._subscribed.update(chunk)
+        # A watch made meanwhile is in the next _unread: read again after its subscription.
+        for chunk in _chunks(job_id for job_id in unread.union(new) if job_id in self._waiters):
             await self._read_stored(chunk)
 
     async def _read_stored(self, job_ids: list[str]) -> None:
