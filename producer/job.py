@@ -2,21 +2,25 @@
 
 Awaitable (``await job``), blocking (``job.result(timeout)``), and cheap: a waiting handle
 holds a future on the process's shared result listener, not a thread or a connection. A
-handle that has resolved keeps its outcome, as a future does: awaiting it again gives the same
-value (or error) at once; ``Job.from_id`` makes a fresh handle that reads Redis again.
+handle keeps its job's value once it has it: awaiting it again gives the value at once. A
+failure is read from Redis again each time: ``sibylq retry`` re-runs a failed job under its id,
+and whoever waits on it then gets the new result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Generator
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from .client import Client, Subscription
-from .contract import Envelope
+from .contract import Envelope, JobSpec
+from .enqueue import EnqueuePlan
 from .errors import JobFailedError
-from .modelref import parse_model_ref
+from .modelref import ModelRef, parse_model_ref
 from .outcome import envelope_from_meta
 from .targets import Target, target_for
 from .waiting import UNREACHABLE, CheckWorkers, Wait, WaitFlow, WaitPlan, wait_flow
@@ -35,18 +39,92 @@ class JobStatus(StrEnum):
     REVOKED = "REVOKED"
 
 
+class Enqueue:
+    """One job's enqueue, started with its handle: done before ``start`` returns, or, in a
+    running event loop, a task of that loop (the event loop never blocks on Redis, nor on the
+    embedded cluster's first start), which the handle finishes before it waits.
+
+    Every try pushes the same message (one plan, built once), so finishing it from a second
+    place (a blocking ``job.result()`` on the loop's thread) never queues the job twice.
+    """
+
+    def __init__(
+        self, client: Client, model: ModelRef, spec: JobSpec, queue: str, job_id: str, **how: Any
+    ) -> None:
+        self.job_id = job_id
+        self._client = client
+        self._model = model
+        self._spec = spec
+        self._queue = queue
+        self._how = how  # priority, once
+        self._plan: EnqueuePlan | None = None
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[bool] | None = None
+        self._done = False
+
+    def start(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.finish()
+        else:
+            self._task = loop.create_task(self._send_async(), name=f"sibylq-enqueue-{self.job_id}")
+
+    def finish(self) -> None:
+        """Block until the job is enqueued; raises what the enqueue raised."""
+        task = self._task
+        if self._done or (task is not None and task.done() and not task.cancelled()):
+            self._done = True
+            if task is not None:
+                task.result()
+            return
+        if task is not None:  # its loop may be this very thread, blocked here: take over
+            task.get_loop().call_soon_threadsafe(task.cancel)
+        self._client.ensure_worker(self._model, self._queue)
+        self._client.send(self.plan())
+        self._done = True
+
+    async def finish_async(self) -> None:
+        task = self._task
+        if self._done and (task is None or not task.done() or task.cancelled()):
+            return
+        if task is None or task.cancelled() or task.get_loop() is not asyncio.get_running_loop():
+            await self._send_async()
+        else:  # shielded: a caller's timeout must not abort the enqueue itself
+            await asyncio.shield(task)
+        self._done = True
+
+    def plan(self) -> EnqueuePlan:
+        with self._lock:
+            if self._plan is None:
+                self._plan = self._client.plan(self._spec, self._queue, self.job_id, **self._how)
+            return self._plan
+
+    async def _send_async(self) -> bool:
+        await self._client.ensure_worker_async(self._model, self._queue)
+        return await self._client.send_async(self.plan())
+
+
 class Job(Generic[T]):
     """A handle on one job. ``await job`` or ``job.result()`` gives the typed value."""
 
     def __init__(
-        self, job_id: str, *, client: Client, target: Target, model: str, queue: str | None
+        self,
+        job_id: str,
+        *,
+        client: Client,
+        target: Target,
+        model: str,
+        queue: str | None,
+        enqueue: Enqueue | None = None,
     ) -> None:
         self.id = job_id
         self.model = model
         self.queue = queue
         self._client = client
         self._target = target
-        self._outcome: dict[str, Any] | None = None  # the stored result, once it is ready
+        self._enqueue = enqueue
+        self._outcome: dict[str, Any] | None = None  # the stored success, once there is one
 
     @classmethod
     def from_id(
@@ -91,6 +169,8 @@ class Job(Generic[T]):
         ``subscription``: one already open on this job's channel (else one is opened)."""
         if self._outcome is not None:
             return self._open(self._outcome)
+        if self._enqueue is not None:
+            self._enqueue.finish()
         if subscription is None:
             with self._client.subscription(self.id) as opened:
                 return self.envelope(timeout, subscription=opened)
@@ -110,6 +190,9 @@ class Job(Generic[T]):
         """Await the job's envelope."""
         if self._outcome is not None:
             return self._open(self._outcome)
+        if self._enqueue is not None:
+            await self._enqueue.finish_async()
+        await self._client.ready_async()
         flow = self._flow(timeout)
         answer: Any = None
         listener = self._client.listener()
@@ -153,7 +236,8 @@ class Job(Generic[T]):
         return wait_flow(plan)
 
     def _resolved(self, meta: dict[str, Any]) -> Envelope:
-        self._outcome = meta
+        if meta.get("status") == "SUCCESS":
+            self._outcome = meta
         return self._open(meta)
 
     def _open(self, meta: dict[str, Any]) -> Envelope:
@@ -179,4 +263,4 @@ def _advance(flow: WaitFlow, answer: Any) -> Any:
         return done.value
 
 
-__all__ = ["UNREACHABLE", "Job", "JobStatus"]
+__all__ = ["UNREACHABLE", "Enqueue", "Job", "JobStatus"]

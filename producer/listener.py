@@ -23,6 +23,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .constants import job_id_from_result_key, result_key, workers_key
+from .enqueue import PUSH_SCRIPT, StoreHit
+from .outcome import stage_success
 from .waiting import UNREACHABLE, ready_meta
 
 log = logging.getLogger(__name__)
@@ -39,16 +41,9 @@ class ResultListener:
         # would resubscribe but skip re-reading the keys stored meanwhile, and a reconnect
         # from a subscribe call would read the handshake while the reader task reads. Errors
         # end the session instead; the next one resubscribes and re-reads everything.
-        # At most 3 connections: the pub/sub one, and two for commands (MGET, ZCOUNT).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=3,
-            timeout=None,
-            client_name="sibylq-listener",
-            socket_connect_timeout=2,
-            retry=Retry(NoBackoff(), 0, supported_errors=()),
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._url = url
+        self._redis = _client(url, "sibylq-listener")
+        self._connections: LoopConnections | None = None
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
         self._subscribed: set[str] = set()
         self._unread: set[str] = set()  # watched since their stored result was last read
@@ -106,10 +101,22 @@ class ResultListener:
     def pending(self) -> int:
         return len(self._waiters)
 
+    def connections(self, broker_url: str) -> LoopConnections:
+        """This loop's connections for enqueueing: the listener's own command connections
+        when the broker is the result Redis (a loop then uses 3 connections in all)."""
+        if self._connections is None:
+            broker = (
+                self._redis if broker_url == self._url else _client(broker_url, "sibylq-producer")
+            )
+            self._connections = LoopConnections(results=self._redis, broker=broker)
+        return self._connections
+
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._connections is not None and self._connections.broker is not self._redis:
+            await self._connections.broker.aclose()
         await self._redis.aclose()
 
     # -- the loop ----------------------------------------------------------------------
@@ -200,6 +207,38 @@ class ResultListener:
         for future in list(self._waiters.get(job_id, ())):
             if not future.done():
                 future.set_result(raw if isinstance(raw, bytes) else raw.encode())
+
+
+class LoopConnections:
+    """What an enqueue on an event loop sends its steps to (see ``producer.enqueue``)."""
+
+    def __init__(self, *, results: aioredis.Redis, broker: aioredis.Redis) -> None:
+        self.results = results
+        self.broker = broker
+        self._push = broker.register_script(PUSH_SCRIPT)
+
+    async def push(self, keys: tuple[str, ...], args: tuple[str | int, ...]) -> Any:
+        return await self._push(keys=list(keys), args=list(args))
+
+    async def store_hit(self, step: StoreHit, expires_s: int) -> None:
+        async with self.results.pipeline(transaction=True) as pipe:
+            stage_success(pipe, step.job_id, step.envelope.encode(), expires_s)  # type: ignore[arg-type]
+            await pipe.execute()
+
+
+def _client(url: str, name: str) -> aioredis.Redis:
+    """At most 3 connections: for the listener, the pub/sub one and two for commands (MGET,
+    ZCOUNT, and pushes when the broker is the same Redis). No retries or reconnects inside
+    redis-py (see ``ResultListener``); callers bound each command's time themselves."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=3,
+        timeout=None,
+        client_name=name,
+        socket_connect_timeout=2,
+        retry=Retry(NoBackoff(), 0, supported_errors=()),
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
