@@ -152,6 +152,7 @@ def task_message(
         # Celery would saferepr() the whole job for logs and Flower: slow, and noisy.
         argsrepr=f"<{spec.kind} job for {spec.model}>",
         kwargsrepr="{}",
+        ignore_result=None,  # type: ignore[arg-type]  # as send_task() leaves it
     )
     tag = str(uuid.uuid4())
     body = base64.b64encode(dumps(task.body).encode()).decode()
