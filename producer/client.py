@@ -167,7 +167,7 @@ class Client:
         return step
 
     async def send_async(self, plan: EnqueuePlan) -> bool:
-        """Run ``plan`` on the running event loop, over its listener's connections."""
+        """Run ``plan`` on the running event loop, batched with the loop's other enqueues."""
         flow, answer = enqueue_flow(plan), None
         while not isinstance(step := advance(flow, answer), bool):
             answer = await self._perform_async(step)
@@ -191,17 +191,20 @@ class Client:
     async def _perform_async(self, step: EnqueueStep) -> Any:
         if isinstance(step, Pause):
             return await asyncio.sleep(step.seconds)
-        connections = self.listener().connections(self.settings.broker)
-        try:
-            async with asyncio.timeout(self._try_timeout_s):
-                if isinstance(step, ReadCache):
-                    return await connections.results.get(step.key)
-                if isinstance(step, StoreHit):
-                    await connections.store_hit(step, self.settings.result_expires_s)
-                    return True
-                return await connections.push(keys=step.keys, args=step.args)
-        except RETRYABLE as exc:
-            return _failed(step, exc)
+        timeout_s = self._try_timeout_s
+        enqueuer = self.listener().enqueuer(self.settings.broker, try_timeout_s=timeout_s)
+        if isinstance(step, StoreHit):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await enqueuer.store_hit(step, self.settings.result_expires_s)
+            except RETRYABLE as exc:
+                return _failed(step, exc)
+            return True
+        if isinstance(step, ReadCache):
+            reply = await enqueuer.read_cache(step.key)
+        else:
+            reply = await enqueuer.push(step.keys, step.args)
+        return _failed(step, reply) if isinstance(reply, Exception) else reply
 
     @cached_property
     def _try_timeout_s(self) -> float:
@@ -231,6 +234,7 @@ class Client:
         and wait for a worker (up to a minute). One start per queue, however many wait."""
         if queue in self._served_queues:
             return
+        self._before_starting()
         with self._starts_lock:
             start = self._starts.get(queue)
             if start is None or (start.done() and start.exception() is not None):
@@ -241,7 +245,14 @@ class Client:
     async def ready_async(self) -> None:
         """Resolve the settings off the event loop (this may start the embedded cluster)."""
         if "settings" not in self.__dict__:
+            self._before_starting()
             await asyncio.wrap_future(_in_thread(lambda: self.settings))
+
+    def _before_starting(self) -> None:
+        if self._configured.broker_url is None:  # the embedded cluster may start in a thread
+            from .embedded import install_sigterm_handler
+
+            install_sigterm_handler()
 
     def forget(self, job_ids: list[str]) -> None:
         """Delete finished jobs' results and bookkeeping (once they are stored elsewhere)."""

@@ -22,9 +22,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .batching import Batcher, LoopEnqueuer
 from .constants import job_id_from_result_key, result_key, workers_key
-from .enqueue import PUSH_SCRIPT, StoreHit
-from .outcome import stage_success
 from .waiting import UNREACHABLE, ready_meta
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,8 @@ class ResultListener:
         # end the session instead; the next one resubscribes and re-reads everything.
         self._url = url
         self._redis = _client(url, "sibylq-listener")
-        self._connections: LoopConnections | None = None
+        self._enqueuer: LoopEnqueuer | None = None
+        self._broker: aioredis.Redis | None = None  # when it is not the result Redis
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
         self._subscribed: set[str] = set()
         self._unread: set[str] = set()  # watched since their stored result was last read
@@ -101,22 +101,26 @@ class ResultListener:
     def pending(self) -> int:
         return len(self._waiters)
 
-    def connections(self, broker_url: str) -> LoopConnections:
-        """This loop's connections for enqueueing: the listener's own command connections
-        when the broker is the result Redis (a loop then uses 3 connections in all)."""
-        if self._connections is None:
-            broker = (
-                self._redis if broker_url == self._url else _client(broker_url, "sibylq-producer")
+    def enqueuer(self, broker_url: str, *, try_timeout_s: float) -> LoopEnqueuer:
+        """This loop's enqueueing, batched: over the listener's own command connections when
+        the broker is the result Redis (a loop then uses 3 connections in all)."""
+        if self._enqueuer is None:
+            results = Batcher(self._redis, try_timeout_s=try_timeout_s)
+            broker = results
+            if broker_url != self._url:
+                self._broker = _client(broker_url, "sibylq-producer")
+                broker = Batcher(self._broker, try_timeout_s=try_timeout_s)
+            self._enqueuer = LoopEnqueuer(
+                results=results, broker=broker, results_client=self._redis
             )
-            self._connections = LoopConnections(results=self._redis, broker=broker)
-        return self._connections
+        return self._enqueuer
 
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._connections is not None and self._connections.broker is not self._redis:
-            await self._connections.broker.aclose()
+        if self._broker is not None:
+            await self._broker.aclose()
         await self._redis.aclose()
 
     # -- the loop ----------------------------------------------------------------------
@@ -200,6 +204,9 @@ class ResultListener:
             if message is not None and message["type"] == "message":
                 channel = message["channel"].decode()
                 self._deliver(job_id_from_result_key(channel), message["data"])
+                # Buffered messages are read without a pause: let the woken handle run
+                # first, so a burst of results is a row of short loop turns, not one long one.
+                await asyncio.sleep(0)
 
     def _deliver(self, job_id: str, raw: bytes | str | None) -> None:
         if ready_meta(raw) is None or raw is None:
@@ -207,23 +214,6 @@ class ResultListener:
         for future in list(self._waiters.get(job_id, ())):
             if not future.done():
                 future.set_result(raw if isinstance(raw, bytes) else raw.encode())
-
-
-class LoopConnections:
-    """What an enqueue on an event loop sends its steps to (see ``producer.enqueue``)."""
-
-    def __init__(self, *, results: aioredis.Redis, broker: aioredis.Redis) -> None:
-        self.results = results
-        self.broker = broker
-        self._push = broker.register_script(PUSH_SCRIPT)
-
-    async def push(self, keys: tuple[str, ...], args: tuple[str | int, ...]) -> Any:
-        return await self._push(keys=list(keys), args=list(args))
-
-    async def store_hit(self, step: StoreHit, expires_s: int) -> None:
-        async with self.results.pipeline(transaction=True) as pipe:
-            stage_success(pipe, step.job_id, step.envelope.encode(), expires_s)  # type: ignore[arg-type]
-            await pipe.execute()
 
 
 def _client(url: str, name: str) -> aioredis.Redis:
