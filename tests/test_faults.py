@@ -61,7 +61,9 @@ def test_reset_and_refuse_break_connections_at_once(proxy: FaultyProxy) -> None:
     assert _client(proxy).ping()
 
 
-def test_a_restarted_server_with_appendonly_keeps_its_data(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_restarted_server_with_appendonly_keeps_its_data(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     with RedisServer(tmp_path_factory.mktemp("aof"), appendonly=True) as server:
         client = redis.Redis.from_url(server.url)
         client.set("kept", "yes")
