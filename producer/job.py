@@ -42,25 +42,35 @@ class JobStatus(StrEnum):
 class Enqueue:
     """One job's enqueue, started with its handle: done before ``start`` returns, or, in a
     running event loop, a task of that loop (the event loop never blocks on Redis, nor on the
-    embedded cluster's first start), which the handle finishes before it waits.
+    embedded cluster's first start), which the handle finishes before it waits. A handle
+    never awaited is enqueued all the same, unless its loop closes first.
 
     Every try pushes the same message (one plan, built once), so finishing it from a second
     place (a blocking ``job.result()`` on the loop's thread) never queues the job twice.
     """
 
     def __init__(
-        self, client: Client, model: ModelRef, spec: JobSpec, queue: str, job_id: str, **how: Any
+        self,
+        client: Client,
+        model: ModelRef,
+        spec: JobSpec,
+        queue: str,
+        job_id: str,
+        *,
+        priority: int,
+        once: bool,
     ) -> None:
         self.job_id = job_id
         self._client = client
         self._model = model
         self._spec = spec
         self._queue = queue
-        self._how = how  # priority, once
+        self._priority = priority
+        self._once = once
         self._plan: EnqueuePlan | None = None
         self._lock = threading.Lock()
         self._task: asyncio.Task[bool] | None = None
-        self._done = False
+        self._sent = False
 
     def start(self) -> None:
         try:
@@ -72,32 +82,35 @@ class Enqueue:
 
     def finish(self) -> None:
         """Block until the job is enqueued; raises what the enqueue raised."""
-        task = self._task
-        if self._done or (task is not None and task.done() and not task.cancelled()):
-            self._done = True
-            if task is not None:
-                task.result()
+        if self._sent:
             return
-        if task is not None:  # its loop may be this very thread, blocked here: take over
-            task.get_loop().call_soon_threadsafe(task.cancel)
-        self._client.ensure_worker(self._model, self._queue)
-        self._client.send(self.plan())
-        self._done = True
+        task = self._task
+        if task is not None and task.done() and not task.cancelled():
+            task.result()
+        else:
+            if task is not None and not task.get_loop().is_closed():
+                # Its loop may be this very thread, blocked here: take over from the task.
+                task.get_loop().call_soon_threadsafe(task.cancel)
+            self._client.ensure_worker(self._model, self._queue)
+            self._client.send(self.plan())
+        self._sent = True
 
     async def finish_async(self) -> None:
-        task = self._task
-        if self._done and (task is None or not task.done() or task.cancelled()):
+        if self._sent:
             return
+        task = self._task
         if task is None or task.cancelled() or task.get_loop() is not asyncio.get_running_loop():
             await self._send_async()
         else:  # shielded: a caller's timeout must not abort the enqueue itself
             await asyncio.shield(task)
-        self._done = True
+        self._sent = True
 
     def plan(self) -> EnqueuePlan:
         with self._lock:
             if self._plan is None:
-                self._plan = self._client.plan(self._spec, self._queue, self.job_id, **self._how)
+                self._plan = self._client.plan(
+                    self._spec, self._queue, self.job_id, priority=self._priority, once=self._once
+                )
             return self._plan
 
     async def _send_async(self) -> bool:

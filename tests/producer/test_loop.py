@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from benchmarks.loop_lag import LagProbe
 from producer import Client, Models, Settings
+from producer.constants import attempts_key
 from producer.redis_server import RedisServer
 from tests.conftest import HEARTBEAT_S, Worker
 from tests.faults import FaultyProxy
@@ -82,3 +84,17 @@ def test_the_first_use_starts_the_embedded_cluster_off_the_loop() -> None:
     assert outcome["handed_out_s"] < 0.5
     assert outcome["took_s"] > 1.0  # Redis and a worker started meanwhile...
     assert outcome["max_stall_s"] < 1.0, outcome  # ...and the loop went on
+
+
+async def test_a_blocking_result_on_the_loops_thread_enqueues_the_job_once(
+    client: Client, fake_worker: Worker, redis_server: RedisServer
+) -> None:
+    model = Models.create("fake", client=client)
+    job = model.call_async("blocking inside the loop")
+    assert job.id  # known before the enqueue runs
+    # The loop is blocked here, its enqueue task cannot run: the handle enqueues by itself.
+    assert job.result(timeout=30) == "fake output"
+    assert await job == "fake output"
+    admin = redis.Redis.from_url(redis_server.url)
+    assert admin.get(attempts_key(job.id)) == b"1"
+    admin.close()
