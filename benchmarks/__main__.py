@@ -25,7 +25,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def _registry() -> dict[str, Callable[[Context], Result]]:
-    from . import fanout, labeling, llama, queue_overhead, remote, scaling
+    from . import fanout, labeling, llama, loop_lag, queue_overhead, remote, scaling
 
     return {
         queue_overhead.NAME: queue_overhead.run,
@@ -34,6 +34,7 @@ def _registry() -> dict[str, Callable[[Context], Result]]:
         fanout.NAME: fanout.run,
         labeling.NAME: labeling.run,
         scaling.NAME: scaling.run,
+        loop_lag.NAME: loop_lag.run,
     }
 
 

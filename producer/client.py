@@ -1,29 +1,50 @@
-"""A producer's connections: a Celery app that only sends, and Redis for results and liveness.
+"""A producer's connections: Redis for enqueueing, results and liveness, and a Celery app.
 
-The sending app has no result backend on purpose: Celery's client would otherwise subscribe
-to every task's result channel at send time and leak those subscriptions (celery #4707,
-#6963). Results are read straight from Redis by ``ResultListener`` (async) and
-``Subscription`` (sync).
+Jobs are pushed by ``producer.enqueue``'s script (idempotent tries, within the broker budget);
+the Celery app builds their messages and revokes jobs. It has no result backend on purpose:
+Celery's client would otherwise subscribe to every task's result channel at send time and
+leak those subscriptions (celery #4707, #6963). Results are read straight from Redis by
+``ResultListener`` (async) and ``Subscription`` (sync).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
 from functools import cached_property
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
+from redis import Redis as BrokerRedis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
 
 from . import cache
-from .constants import TASK_NAME, attempts_key, claim_key, result_key, workers_key
-from .contract import Envelope, JobSpec
+from .constants import attempts_key, claim_key, result_key, workers_key
+from .contract import JobSpec
+from .enqueue import (
+    PUSH_SCRIPT,
+    RETRYABLE,
+    EnqueuePlan,
+    EnqueueStep,
+    Pause,
+    ReadCache,
+    StoreHit,
+    advance,
+    enqueue_flow,
+    plan_enqueue,
+    try_timeout_s,
+)
 from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
 from .modelref import ModelRef
@@ -36,6 +57,9 @@ if TYPE_CHECKING:
 #: A heartbeat older than this (in heartbeat intervals) means the worker is gone.
 HEARTBEAT_GRACE = 5
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 
 class Client:
     """Sends jobs and reads their results. One per process is plenty; it is thread-safe."""
@@ -47,6 +71,8 @@ class Client:
         self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultListener]
         self._listeners = weakref.WeakKeyDictionary()
         self._pubsubs = _ThreadPubSubs()
+        self._starts: dict[str, Future[None]] = {}  # ensure_worker_async's, by queue
+        self._starts_lock = threading.Lock()
 
     @cached_property
     def settings(self) -> Settings:
@@ -110,70 +136,132 @@ class Client:
         ``LANE_PRIORITIES``); returns the job id. An answer in the cache (``producer.cache``)
         is stored as the job's result at once, and nothing is enqueued."""
         job_id = job_id or str(uuid.uuid4())
-        hit = cache.lookup(self.redis, spec) if self.settings.cache else None
-        self._enqueue(spec, queue, job_id, priority, hit)
+        self.send(self.plan(spec, queue, job_id, priority=priority, once=False))
         return job_id
 
     def submit_once(self, spec: JobSpec, queue: str, job_id: str, *, priority: int = 0) -> bool:
-        """Enqueue unless this job id was enqueued before; True if it was enqueued now.
+        """Enqueue unless this job id was enqueued before; True if it was enqueued now (the
+        claim is recorded with the push, atomically: see ``producer.enqueue``)."""
+        return self.send(self.plan(spec, queue, job_id, priority=priority, once=True))
 
-        The claim is recorded after the enqueue: a crash between the two can enqueue a job
-        twice (the second delivery finds the stored result and is dropped), never lose one.
-        The claim and the cache are read in one round trip.
-        """
-        key = claim_key(job_id)
-        entry = cache.entry_key(spec) if self.settings.cache else None
+    def plan(
+        self, spec: JobSpec, queue: str, job_id: str, *, priority: int, once: bool
+    ) -> EnqueuePlan:
+        """One enqueue's message and settings, fixed before its first try."""
+        settings = self.settings
+        return plan_enqueue(
+            self.celery,
+            spec,
+            job_id=job_id,
+            queue=queue,
+            priority=priority,
+            once=once,
+            use_cache=settings.cache,
+            claim_expires_s=settings.result_expires_s,
+            budget_s=settings.broker_timeout_s,
+        )
+
+    def send(self, plan: EnqueuePlan) -> bool:
+        """Run ``plan`` (see ``enqueue_flow``), blocking."""
+        flow, answer = enqueue_flow(plan), None
+        while not isinstance(step := advance(flow, answer), bool):
+            answer = self._perform(step)
+        return step
+
+    async def send_async(self, plan: EnqueuePlan) -> bool:
+        """Run ``plan`` on the running event loop, batched with the loop's other enqueues."""
+        flow, answer = enqueue_flow(plan), None
+        while not isinstance(step := advance(flow, answer), bool):
+            answer = await self._perform_async(step)
+        return step
+
+    def _perform(self, step: EnqueueStep) -> Any:
+        if isinstance(step, Pause):
+            return time.sleep(step.seconds)
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.exists(key)
-                if entry is not None:
-                    pipe.get(entry)
-                claimed, *cached = pipe.execute()
-            if claimed:
-                return False
-            hit = cache.decode_hit(cached[0], spec) if cached and cached[0] is not None else None
-            self._enqueue(spec, queue, job_id, priority, hit)
-            self.redis.set(key, "1", ex=self.settings.result_expires_s)
-        except redis.RedisError as exc:
-            raise BrokerUnavailableError(f"cannot reach Redis to enqueue {job_id}: {exc}") from exc
-        return True
+            if isinstance(step, ReadCache):
+                return self.redis.get(step.key)
+            if isinstance(step, StoreHit):
+                cache.store_as_result(
+                    self.redis, step.job_id, step.envelope, self.settings.result_expires_s
+                )
+                return True
+            return self._push_script(keys=step.keys, args=step.args)
+        except RETRYABLE as exc:
+            return _failed(step, exc)
 
-    def _enqueue(
-        self, spec: JobSpec, queue: str, job_id: str, priority: int, hit: Envelope | None
-    ) -> None:
-        """Send the job, or store ``hit`` (its cached answer) as its result instead."""
-        if hit is not None and self._answer_from_cache(job_id, hit):
+    async def _perform_async(self, step: EnqueueStep) -> Any:
+        if isinstance(step, Pause):
+            return await asyncio.sleep(step.seconds)
+        timeout_s = self._try_timeout_s
+        enqueuer = self.listener().enqueuer(self.settings.broker, try_timeout_s=timeout_s)
+        if isinstance(step, StoreHit):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await enqueuer.store_hit(step, self.settings.result_expires_s)
+            except RETRYABLE as exc:
+                return _failed(step, exc)
+            return True
+        if isinstance(step, ReadCache):
+            reply = await enqueuer.read_cache(step.key)
+        else:
+            reply = await enqueuer.push(step.keys, step.args)
+        return _failed(step, reply) if isinstance(reply, Exception) else reply
+
+    @cached_property
+    def _try_timeout_s(self) -> float:
+        return try_timeout_s(self.settings.broker_timeout_s)
+
+    @cached_property
+    def _broker_redis(self) -> BrokerRedis:
+        """The connections that enqueue: without redis-py's own retries (the enqueue flow
+        retries, within its budget) and with a timeout on every try."""
+        timeout_s = self._try_timeout_s
+        return BrokerRedis.from_url(
+            self.settings.broker,
+            client_name="sibylq-producer",
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    @cached_property
+    def _push_script(self) -> Script:
+        script: Script = self._broker_redis.register_script(PUSH_SCRIPT)
+        return script
+
+    async def ensure_worker_async(self, model: ModelRef, queue: str) -> None:
+        """``ensure_worker`` off the event loop: the first use may start the embedded cluster
+        and wait for a worker (up to a minute). One start per queue, however many wait."""
+        if queue in self._served_queues:
             return
-        try:
-            self.celery.send_task(
-                TASK_NAME,
-                args=[spec.encode()],
-                task_id=job_id,
-                queue=queue,
-                routing_key=queue,
-                priority=priority,
-                # Celery would saferepr() the whole job for logs and Flower: slow, and noisy.
-                argsrepr=f"<{spec.kind} job for {spec.model}>",
-                kwargsrepr="{}",
-            )
-        except (OperationalError, OSError) as exc:
-            raise BrokerUnavailableError(
-                f"cannot enqueue to {self.settings.broker_url!r}: {exc}. Is Redis running "
-                "and SIBYLQ_BROKER_URL right?"
-            ) from exc
+        self._before_starting()
+        with self._starts_lock:
+            start = self._starts.get(queue)
+            if start is None or (start.done() and start.exception() is not None):
+                start = _in_thread(lambda: self.ensure_worker(model, queue))
+                self._starts[queue] = start
+        await asyncio.wrap_future(start)
 
-    def _answer_from_cache(self, job_id: str, hit: Envelope) -> bool:
-        try:
-            cache.store_as_result(self.redis, job_id, hit, self.settings.result_expires_s)
-        except redis.RedisError:
-            return False
-        return True
+    async def ready_async(self) -> None:
+        """Resolve the settings off the event loop (this may start the embedded cluster)."""
+        if "settings" not in self.__dict__:
+            self._before_starting()
+            await asyncio.wrap_future(_in_thread(lambda: self.settings))
+
+    def _before_starting(self) -> None:
+        if self._configured.broker_url is None:  # the embedded cluster may start in a thread
+            from .embedded import install_sigterm_handler
+
+            install_sigterm_handler()
 
     def forget(self, job_ids: list[str]) -> None:
         """Delete finished jobs' results and bookkeeping (once they are stored elsewhere)."""
         keys = [key for job_id in job_ids for key in _job_keys(job_id)]
         if keys:
             self.redis.delete(*keys)
+            self._broker_redis.delete(*map(claim_key, job_ids))
 
     def read_result(self, job_id: str) -> bytes | None:
         raw = self.redis.get(result_key(job_id))
@@ -219,12 +307,37 @@ class Client:
         self._pubsubs.close_all()
         if "redis" in self.__dict__:
             self.redis.close()
+        if "_broker_redis" in self.__dict__:
+            self._broker_redis.close()
         if "celery" in self.__dict__:
             self.celery.close()
 
 
 def _job_keys(job_id: str) -> tuple[str, ...]:
-    return (result_key(job_id), claim_key(job_id), attempts_key(job_id))
+    return (result_key(job_id), attempts_key(job_id))
+
+
+def _failed(step: EnqueueStep, exc: Exception) -> Any:
+    """What a step answers when its try failed: a cache miss, a hit not stored (the job is
+    enqueued instead), or the error (the push is retried)."""
+    if isinstance(step, ReadCache):
+        log.warning("answer cache unavailable (%s): running the job", exc)
+        return None
+    return False if isinstance(step, StoreHit) else exc
+
+
+def _in_thread(function: Callable[[], T]) -> Future[T]:
+    """Run ``function`` in a thread of its own; its outcome, awaitable from any event loop."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:  # handed to whoever waits
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="sibylq-start", daemon=True).start()
+    return future
 
 
 class _ThreadPubSubs:

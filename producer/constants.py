@@ -15,7 +15,8 @@ Redis keys:
                                   also the pub/sub channel it is announced on
 ``sibylq:workers:<queue>``        sorted set: worker hostname -> last heartbeat (unix s)
 ``sibylq:worker:<hostname>``      JSON description of a live worker (expires)
-``sibylq:claimed:<job id>``       set once a job id is enqueued (expires with results)
+``sibylq:claimed:<job id>``       the delivery tag of the last enqueue of a job id, set with its
+                                  push (expires with results; in the broker's Redis)
 ``sibylq:attempts:<job id>``      how many times a worker began the job (expires with results)
 ``sibylq:queues``                 sorted set: queue -> last heartbeat of a worker on it (unix s)
 ``sibylq:failures:<queue>:<min>`` jobs that failed on ``queue`` in that minute (unix s // 60;
@@ -42,6 +43,7 @@ message is in the hash ``unacked`` (delivery tag -> message) and the sorted set
 from __future__ import annotations
 
 import re
+from bisect import bisect
 
 QUEUE_PREFIX = "sibylq"
 TASK_NAME = "sibylq.run_job"
@@ -99,7 +101,8 @@ def worker_info_key(hostname: str) -> str:
 
 
 def claim_key(job_id: str) -> str:
-    """Set (NX) when a job id is first enqueued, so a re-run never enqueues it twice."""
+    """Set with each push of a job (see ``producer.enqueue``): a retried try never pushes it
+    twice, and a re-run's ``once`` enqueue attaches to it."""
     return f"sibylq:claimed:{job_id}"
 
 
@@ -118,6 +121,13 @@ def queue_list_keys(queue: str) -> tuple[str, ...]:
     return tuple(
         f"{queue}{KOMBU_PRIORITY_SEP}{step}" if step else queue for step in KOMBU_PRIORITY_STEPS
     )
+
+
+def queue_list_key(queue: str, priority: int) -> str:
+    """The Redis list a message of ``priority`` (0-9) waits in: kombu's Redis transport rounds
+    it down to a step of ``KOMBU_PRIORITY_STEPS``."""
+    step = KOMBU_PRIORITY_STEPS[bisect(KOMBU_PRIORITY_STEPS, min(max(priority, 0), 9)) - 1]
+    return f"{queue}{KOMBU_PRIORITY_SEP}{step}" if step else queue
 
 
 def dead_letter_key(job_id: str) -> str:

@@ -473,7 +473,7 @@ def _track(cluster: EmbeddedCluster) -> None:
     with _registry_lock:
         if cluster not in _started:
             _started.append(cluster)
-    _install_sigterm_handler()
+    install_sigterm_handler()
 
 
 def _untrack(cluster: EmbeddedCluster) -> None:
@@ -499,8 +499,10 @@ def _stop_all(lock_timeout_s: float = 5.0) -> None:
 atexit.register(_stop_all)
 
 
-def _install_sigterm_handler() -> None:
-    """Stop the clusters on SIGTERM, if SIGTERM still has its default action."""
+def install_sigterm_handler() -> None:
+    """Stop the clusters on SIGTERM, if SIGTERM still has its default action. Called when a
+    cluster starts, and by a producer about to start one from a thread (an event loop's first
+    use): only the main thread may set it."""
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers; PDEATHSIG and the watchdog remain
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

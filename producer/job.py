@@ -1,20 +1,26 @@
 """``Job``: a small typed handle over one enqueued job, rebuildable from its id.
 
 Awaitable (``await job``), blocking (``job.result(timeout)``), and cheap: a waiting handle
-holds a future on the process's shared result listener, not a thread or a connection.
+holds a future on the process's shared result listener, not a thread or a connection. A
+handle keeps its job's value once it has it: awaiting it again gives the value at once. A
+failure is read from Redis again each time: ``sibylq retry`` re-runs a failed job under its id,
+and whoever waits on it then gets the new result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Generator
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from .client import Client, Subscription
-from .contract import Envelope
+from .contract import Envelope, JobSpec
+from .enqueue import EnqueuePlan
 from .errors import JobFailedError
-from .modelref import parse_model_ref
+from .modelref import ModelRef, parse_model_ref
 from .outcome import envelope_from_meta
 from .targets import Target, target_for
 from .waiting import UNREACHABLE, CheckWorkers, Wait, WaitFlow, WaitPlan, wait_flow
@@ -33,17 +39,105 @@ class JobStatus(StrEnum):
     REVOKED = "REVOKED"
 
 
+class Enqueue:
+    """One job's enqueue, started with its handle: done before ``start`` returns, or, in a
+    running event loop, a task of that loop (the event loop never blocks on Redis, nor on the
+    embedded cluster's first start), which the handle finishes before it waits. A handle
+    never awaited is enqueued all the same, unless its loop closes first.
+
+    Every try pushes the same message (one plan, built once), so finishing it from a second
+    place (a blocking ``job.result()`` on the loop's thread) never queues the job twice.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        model: ModelRef,
+        spec: JobSpec,
+        queue: str,
+        job_id: str,
+        *,
+        priority: int,
+        once: bool,
+    ) -> None:
+        self.job_id = job_id
+        self._client = client
+        self._model = model
+        self._spec = spec
+        self._queue = queue
+        self._priority = priority
+        self._once = once
+        self._plan: EnqueuePlan | None = None
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[bool] | None = None
+        self._sent = False
+
+    def start(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.finish()
+        else:
+            self._task = loop.create_task(self._send_async(), name=f"sibylq-enqueue-{self.job_id}")
+
+    def finish(self) -> None:
+        """Block until the job is enqueued; raises what the enqueue raised."""
+        if self._sent:
+            return
+        task = self._task
+        if task is not None and task.done() and not task.cancelled():
+            task.result()
+        else:
+            if task is not None and not task.get_loop().is_closed():
+                # Its loop may be this very thread, blocked here: take over from the task.
+                task.get_loop().call_soon_threadsafe(task.cancel)
+            self._client.ensure_worker(self._model, self._queue)
+            self._client.send(self.plan())
+        self._sent = True
+
+    async def finish_async(self) -> None:
+        if self._sent:
+            return
+        task = self._task
+        if task is None or task.cancelled() or task.get_loop() is not asyncio.get_running_loop():
+            await self._send_async()
+        else:  # shielded: a caller's timeout must not abort the enqueue itself
+            await asyncio.shield(task)
+        self._sent = True
+
+    def plan(self) -> EnqueuePlan:
+        with self._lock:
+            if self._plan is None:
+                self._plan = self._client.plan(
+                    self._spec, self._queue, self.job_id, priority=self._priority, once=self._once
+                )
+            return self._plan
+
+    async def _send_async(self) -> bool:
+        await self._client.ensure_worker_async(self._model, self._queue)
+        return await self._client.send_async(self.plan())
+
+
 class Job(Generic[T]):
     """A handle on one job. ``await job`` or ``job.result()`` gives the typed value."""
 
     def __init__(
-        self, job_id: str, *, client: Client, target: Target, model: str, queue: str | None
+        self,
+        job_id: str,
+        *,
+        client: Client,
+        target: Target,
+        model: str,
+        queue: str | None,
+        enqueue: Enqueue | None = None,
     ) -> None:
         self.id = job_id
         self.model = model
         self.queue = queue
         self._client = client
         self._target = target
+        self._enqueue = enqueue
+        self._outcome: dict[str, Any] | None = None  # the stored success, once there is one
 
     @classmethod
     def from_id(
@@ -86,6 +180,10 @@ class Job(Generic[T]):
     ) -> Envelope:
         """Block until the job finishes; the stored envelope (raw text, usage, timings).
         ``subscription``: one already open on this job's channel (else one is opened)."""
+        if self._outcome is not None:
+            return self._open(self._outcome)
+        if self._enqueue is not None:
+            self._enqueue.finish()
         if subscription is None:
             with self._client.subscription(self.id) as opened:
                 return self.envelope(timeout, subscription=opened)
@@ -94,7 +192,7 @@ class Job(Generic[T]):
         while True:
             step = _advance(flow, answer)
             if not isinstance(step, Wait | CheckWorkers):
-                return self._open(step)
+                return self._resolved(step)
             answer = (
                 subscription.wait(step.seconds)
                 if isinstance(step, Wait)
@@ -103,6 +201,11 @@ class Job(Generic[T]):
 
     async def envelope_async(self, timeout: float | None = None) -> Envelope:
         """Await the job's envelope."""
+        if self._outcome is not None:
+            return self._open(self._outcome)
+        if self._enqueue is not None:
+            await self._enqueue.finish_async()
+        await self._client.ready_async()
         flow = self._flow(timeout)
         answer: Any = None
         listener = self._client.listener()
@@ -111,7 +214,7 @@ class Job(Generic[T]):
             while True:
                 step = _advance(flow, answer)
                 if not isinstance(step, Wait | CheckWorkers):
-                    return self._open(step)
+                    return self._resolved(step)
                 answer = await (
                     listener.wait(future, step.seconds)
                     if isinstance(step, Wait)
@@ -145,6 +248,11 @@ class Job(Generic[T]):
         )
         return wait_flow(plan)
 
+    def _resolved(self, meta: dict[str, Any]) -> Envelope:
+        if meta.get("status") == "SUCCESS":
+            self._outcome = meta
+        return self._open(meta)
+
     def _open(self, meta: dict[str, Any]) -> Envelope:
         return envelope_from_meta(meta, self.id)
 
@@ -168,4 +276,4 @@ def _advance(flow: WaitFlow, answer: Any) -> Any:
         return done.value
 
 
-__all__ = ["UNREACHABLE", "Job", "JobStatus"]
+__all__ = ["UNREACHABLE", "Enqueue", "Job", "JobStatus"]

@@ -2,9 +2,11 @@
 
 Each handle costs a future, not a thread or a connection: the listener holds one pub/sub
 connection and one command connection. It subscribes to a job's result channel, then reads
-the stored result once (a result stored before the subscription is caught there). After a
-lost connection it reconnects, resubscribes everything pending and re-reads every pending
-key, so results published while Redis was away are not missed.
+the stored result (a result stored before the subscription is caught there). Every new watch
+is followed by such a read, also of a job whose channel is subscribed already: its result may
+have been announced before that watch (a handle awaited again right after its first await).
+After a lost connection it reconnects, resubscribes everything pending and re-reads every
+pending key, so results published while Redis was away are not missed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .batching import Batcher, LoopEnqueuer
 from .constants import job_id_from_result_key, result_key, workers_key
 from .waiting import UNREACHABLE, ready_meta
 
@@ -37,18 +40,13 @@ class ResultListener:
         # would resubscribe but skip re-reading the keys stored meanwhile, and a reconnect
         # from a subscribe call would read the handshake while the reader task reads. Errors
         # end the session instead; the next one resubscribes and re-reads everything.
-        # At most 3 connections: the pub/sub one, and two for commands (MGET, ZCOUNT).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=3,
-            timeout=None,
-            client_name="sibylq-listener",
-            socket_connect_timeout=2,
-            retry=Retry(NoBackoff(), 0, supported_errors=()),
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._url = url
+        self._redis = _client(url, "sibylq-listener")
+        self._enqueuer: LoopEnqueuer | None = None
+        self._broker: aioredis.Redis | None = None  # when it is not the result Redis
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
         self._subscribed: set[str] = set()
+        self._unread: set[str] = set()  # watched since their stored result was last read
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._presence: dict[str, tuple[float, bool]] = {}
@@ -63,6 +61,7 @@ class ResultListener:
         """A future resolved with the job's result once it is stored."""
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(future)
+        self._unread.add(job_id)
         future.add_done_callback(lambda done: self._unwatch(job_id, done))
         self._changed.set()
         if self._task is None or self._task.done():
@@ -102,10 +101,26 @@ class ResultListener:
     def pending(self) -> int:
         return len(self._waiters)
 
+    def enqueuer(self, broker_url: str, *, try_timeout_s: float) -> LoopEnqueuer:
+        """This loop's enqueueing, batched: over the listener's own command connections when
+        the broker is the result Redis (a loop then uses 3 connections in all)."""
+        if self._enqueuer is None:
+            results = Batcher(self._redis, try_timeout_s=try_timeout_s)
+            broker = results
+            if broker_url != self._url:
+                self._broker = _client(broker_url, "sibylq-producer")
+                broker = Batcher(self._broker, try_timeout_s=try_timeout_s)
+            self._enqueuer = LoopEnqueuer(
+                results=results, broker=broker, results_client=self._redis
+            )
+        return self._enqueuer
+
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._broker is not None:
+            await self._broker.aclose()
         await self._redis.aclose()
 
     # -- the loop ----------------------------------------------------------------------
@@ -163,14 +178,19 @@ class ResultListener:
         self._changed.clear()
 
     async def _sync_subscriptions(self, pubsub: aioredis.client.PubSub) -> None:
+        """Subscribe to the jobs newly watched and drop the others; then read the stored
+        result of every job watched since the last read, once its channel is subscribed."""
         gone = [job_id for job_id in self._subscribed if job_id not in self._waiters]
         new = [job_id for job_id in self._waiters if job_id not in self._subscribed]
+        unread, self._unread = self._unread, set()
         for chunk in _chunks(gone):
             await pubsub.unsubscribe(*map(result_key, chunk))
             self._subscribed.difference_update(chunk)
         for chunk in _chunks(new):
             await pubsub.subscribe(*map(result_key, chunk))
             self._subscribed.update(chunk)
+        # A watch made meanwhile is in the next _unread: read again after its subscription.
+        for chunk in _chunks(job_id for job_id in unread.union(new) if job_id in self._waiters):
             await self._read_stored(chunk)
 
     async def _read_stored(self, job_ids: list[str]) -> None:
@@ -184,6 +204,9 @@ class ResultListener:
             if message is not None and message["type"] == "message":
                 channel = message["channel"].decode()
                 self._deliver(job_id_from_result_key(channel), message["data"])
+                # Buffered messages are read without a pause: let the woken handle run
+                # first, so a burst of results is a row of short loop turns, not one long one.
+                await asyncio.sleep(0)
 
     def _deliver(self, job_id: str, raw: bytes | str | None) -> None:
         if ready_meta(raw) is None or raw is None:
@@ -191,6 +214,21 @@ class ResultListener:
         for future in list(self._waiters.get(job_id, ())):
             if not future.done():
                 future.set_result(raw if isinstance(raw, bytes) else raw.encode())
+
+
+def _client(url: str, name: str) -> aioredis.Redis:
+    """At most 3 connections: for the listener, the pub/sub one and two for commands (MGET,
+    ZCOUNT, and pushes when the broker is the same Redis). No retries or reconnects inside
+    redis-py (see ``ResultListener``); callers bound each command's time themselves."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=3,
+        timeout=None,
+        client_name=name,
+        socket_connect_timeout=2,
+        retry=Retry(NoBackoff(), 0, supported_errors=()),
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _chunks(items: Iterable[str]) -> Iterable[list[str]]:

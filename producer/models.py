@@ -1,7 +1,8 @@
 """The ``Models`` facade: Sibila's model API, run by a worker fleet.
 
-Every generation method has an ``_async`` twin that enqueues at once and returns a ``Job``;
-the plain method is that same call followed by a blocking wait.
+Every generation method has an ``_async`` twin that starts the enqueue and returns a ``Job``
+at once (in an event loop the enqueue runs on the loop; ``await job`` awaits it, then the
+result); the plain method is that same call followed by a blocking wait.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .client import Client
 from .constants import LANE_PRIORITIES
 from .contract import GenConf, JobKind, JobSpec
 from .errors import ConfigurationError, InvalidRequestError, UnsupportedTargetError
-from .job import Job
+from .job import Enqueue, Job
 from .messages import Query, build_messages
 from .modelref import ModelRef, parse_model_ref
 from .settings import Settings
@@ -93,7 +94,11 @@ class Model:
     ) -> Job[Any]:
         """Validate, build and enqueue one job: the core every method shares. With ``once``
         (and a ``job_id``) a job id enqueued before is not enqueued again: the handle
-        attaches to it. ``lane`` overrides the model's lane for this job."""
+        attaches to it. ``lane`` overrides the model's lane for this job.
+
+        In a running event loop the enqueue runs on the loop, without blocking it: the handle
+        comes back at once and awaits the enqueue (and reports its errors) before the result.
+        Elsewhere the job is enqueued before this returns."""
         priority = LANE_PRIORITIES[_checked_lane(lane or self.lane)]
         spec = JobSpec(
             model=str(self.ref),
@@ -102,12 +107,20 @@ class Model:
             json_schema=target.json_schema,
             genconf=merge_genconf(self.genconf, genconf),
         )
-        self.client.ensure_worker(self.ref, self.queue)
-        if once and job_id is not None:
-            self.client.submit_once(spec, self.queue, job_id, priority=priority)
-        else:
-            job_id = self.client.submit(spec, self.queue, job_id, priority=priority)
-        return Job(job_id, client=self.client, target=target, model=spec.model, queue=self.queue)
+        once = once and job_id is not None
+        job_id = job_id or str(uuid.uuid4())
+        enqueue = Enqueue(
+            self.client, self.ref, spec, self.queue, job_id, priority=priority, once=once
+        )
+        enqueue.start()
+        return Job(
+            job_id,
+            client=self.client,
+            target=target,
+            model=spec.model,
+            queue=self.queue,
+            enqueue=enqueue,
+        )
 
     # -- async twins: enqueue now, return an awaitable handle ----------------------------
 

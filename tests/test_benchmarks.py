@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-NAMES = ("queue_overhead", "remote", "llama", "fanout", "labeling", "scaling")
+NAMES = ("queue_overhead", "remote", "llama", "fanout", "labeling", "scaling", "loop_lag")
 
 
 def test_every_benchmark_runs_and_compares_with_its_baseline(tmp_path: Path) -> None:
