@@ -27,6 +27,7 @@ from .contract import Envelope, JobSpec
 from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
 from .modelref import ModelRef
+from .redact import redact, redact_url, secrets_of
 from .settings import Settings, get_settings
 from .waiting import UNREACHABLE
 
@@ -133,7 +134,9 @@ class Client:
             self._enqueue(spec, queue, job_id, priority, hit)
             self.redis.set(key, "1", ex=self.settings.result_expires_s)
         except redis.RedisError as exc:
-            raise BrokerUnavailableError(f"cannot reach Redis to enqueue {job_id}: {exc}") from exc
+            raise BrokerUnavailableError(
+                f"cannot reach Redis to enqueue {job_id}: {self._redacted(exc)}"
+            ) from exc
         return True
 
     def _enqueue(
@@ -156,9 +159,12 @@ class Client:
             )
         except (OperationalError, OSError) as exc:
             raise BrokerUnavailableError(
-                f"cannot enqueue to {self.settings.broker_url!r}: {exc}. Is Redis running "
-                "and SIBYLQ_BROKER_URL right?"
+                f"cannot enqueue to {redact_url(self.settings.broker)!r}: {self._redacted(exc)}. "
+                "Is Redis running and SIBYLQ_BROKER_URL right?"
             ) from exc
+
+    def _redacted(self, exc: Exception) -> str:
+        return redact(str(exc), secrets_of(self.settings.broker_url, self.settings.result_backend))
 
     def _answer_from_cache(self, job_id: str, hit: Envelope) -> bool:
         try:

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -42,6 +41,7 @@ from .constants import (
     workers_key,
 )
 from .errors import BrokerUnavailableError, ConfigurationError
+from .redact import redact_url
 from .settings import Settings, get_settings
 
 #: ``--window`` default, minutes.
@@ -297,16 +297,6 @@ def job_created_at(raw: bytes | str | None) -> datetime | None:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error):
         return None
     return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def add_status_parser(commands: Any) -> None:

@@ -15,13 +15,15 @@ from producer.settings import Settings, get_settings
 from .heartbeat import Heartbeat
 from .metrics import WorkerMetrics, process_exited
 from .parking import Promoter
+from .redacting import backend_url, redact_logs
 from .store import result_redis
 from .task import run_job
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("sibylq", broker=settings.broker, backend=settings.result_url)
+    app = Celery("sibylq", broker=settings.broker, backend=backend_url(settings.result_url))
+    redact_logs(settings.broker_url, settings.result_backend)
     app.conf.update(
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",

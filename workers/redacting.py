@@ -1,0 +1,72 @@
+"""No secret leaves a worker: its stored results and its log lines go through
+``producer.redact``.
+
+A failed job's stored traceback holds the whole exception chain: the ``openai`` SDK's error
+carries the server's body, and a proxy may echo the ``Authorization`` header there. Failure
+messages are redacted where they are made (``workers.backends``); these two exits catch the
+rest, whatever raised it:
+
+- ``RedactingRedisBackend``: Celery's Redis result backend, masking every value it stores
+  (the result, its traceback, a RETRY's reason) before it is SET and PUBLISHed;
+- ``redact_logs``: every handler Celery sets up (the worker's log, its pool processes', the
+  task logger's) formats through ``RedactingFormatter``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+from celery.backends.redis import RedisBackend
+
+from producer.redact import redact, secrets_of
+
+
+class RedactingRedisBackend(RedisBackend):
+    """Celery's Redis result backend, storing nothing that holds this process's secrets."""
+
+    def __init__(self, *, app: Celery, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url, **kwargs)
+        self._secrets = secrets_of(url, app.conf.broker_url)
+
+    def set(self, key: str, value: Any, **options: Any) -> Any:
+        """Celery's ``set`` (``expires`` and a retry policy in ``options``), redacted."""
+        if isinstance(value, bytes):
+            value = redact(value.decode(), self._secrets).encode()
+        elif isinstance(value, str):
+            value = redact(value, self._secrets)
+        return super().set(key, value, **options)
+
+
+def backend_url(url: str) -> str:
+    """``result_backend`` for Celery: ``url`` served by ``RedactingRedisBackend``."""
+    return f"{__name__}:{RedactingRedisBackend.__name__}+{url}"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with ``inner``, then masks the secrets: the message, the traceback, all of it."""
+
+    def __init__(self, inner: logging.Formatter, secrets: tuple[str, ...]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record), self.secrets)
+
+
+def redact_logs(*urls: str | None) -> None:
+    """From now on, redact the output of every handler Celery sets up in this process."""
+    secrets = secrets_of(*urls)
+
+    def wrap(logger: logging.Logger | None = None, **_: Any) -> None:
+        logger = logger or logging.getLogger()
+        also = [logging.getLogger("multiprocessing")] if logger is logging.getLogger() else []
+        for handler in [handler for each in (logger, *also) for handler in each.handlers]:
+            if not isinstance(handler.formatter, RedactingFormatter):
+                inner = handler.formatter or logging.Formatter()
+                handler.setFormatter(RedactingFormatter(inner, secrets))
+
+    signals.after_setup_logger.connect(wrap, weak=False)
+    signals.after_setup_task_logger.connect(wrap, weak=False)
