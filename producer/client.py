@@ -22,6 +22,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from . import cache
+from .connections import connect, endpoint
 from .constants import TASK_NAME, attempts_key, claim_key, result_key, workers_key
 from .contract import Envelope, JobSpec
 from .errors import BrokerUnavailableError, ConfigurationError
@@ -77,8 +78,10 @@ class Client:
 
     @cached_property
     def celery(self) -> Celery:
-        app = Celery("sibylq-producer", broker=self.settings.broker_url, set_as_current=False)
+        broker = endpoint(self.settings.broker, self.settings)
+        app = Celery("sibylq-producer", broker=broker.url, set_as_current=False)
         app.conf.update(
+            broker_use_ssl=broker.ssl_options() or False,  # producer.connections' TLS policy
             task_serializer="json",
             accept_content=["json"],
             result_backend=None,
@@ -95,8 +98,9 @@ class Client:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(
+        return connect(
             self.settings.result_url,
+            self.settings,
             client_name="sibylq-producer",
             socket_connect_timeout=2,
             socket_keepalive=True,
@@ -206,9 +210,11 @@ class Client:
         loop = asyncio.get_running_loop()
         listener = self._listeners.get(loop)
         if listener is None:
+            results = endpoint(self.settings.result_url, self.settings)
             listener = ResultListener(
-                self.settings.result_url,
+                results.url,
                 heartbeat_grace_s=HEARTBEAT_GRACE * self.settings.heartbeat_interval_s,
+                ssl=results.ssl_options(),
             )
             self._listeners[loop] = listener
         return listener

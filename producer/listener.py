@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,7 +32,15 @@ _RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 class ResultListener:
     """Resolves ``watch(job_id)`` futures with the job's stored result (raw JSON bytes)."""
 
-    def __init__(self, url: str, *, heartbeat_grace_s: float, presence_ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat_grace_s: float,
+        presence_ttl_s: float = 1.0,
+        ssl: Mapping[str, Any] | None = None,
+    ) -> None:
+        # ``ssl``: the TLS options of ``url`` (``producer.connections.Endpoint.ssl_options``).
         # No retries or reconnects inside redis-py (supported_errors=()): one made on its own
         # would resubscribe but skip re-reading the keys stored meanwhile, and a reconnect
         # from a subscribe call would read the handshake while the reader task reads. Errors
@@ -45,6 +53,7 @@ class ResultListener:
             client_name="sibylq-listener",
             socket_connect_timeout=2,
             retry=Retry(NoBackoff(), 0, supported_errors=()),
+            **(ssl or {}),
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}

@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 
+from .connections import connect
 from .constants import (
     FAILURES_RETENTION_S,
     KOMBU_PRIORITY_SEP,
@@ -144,9 +145,11 @@ def fleet_status(
         raise ConfigurationError(NO_BROKER)
     if not 1 <= window_min <= MAX_WINDOW_MIN:
         raise ConfigurationError(f"the failure window must be 1..{MAX_WINDOW_MIN} minutes")
-    broker = _connect(settings.broker_url)
+    broker = _connect(settings.broker_url, settings)
     results = (
-        broker if settings.result_url == settings.broker_url else _connect(settings.result_url)
+        broker
+        if settings.result_url == settings.broker_url
+        else _connect(settings.result_url, settings)
     )
     try:
         return _collect(broker, results, redact_url(settings.broker_url), window_min)
@@ -160,9 +163,9 @@ def fleet_status(
             results.close()
 
 
-def _connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, client_name="sibylq-status", socket_connect_timeout=3, socket_timeout=10
+def _connect(url: str, settings: Settings) -> redis.Redis:
+    return connect(
+        url, settings, client_name="sibylq-status", socket_connect_timeout=3, socket_timeout=10
     )
 
 

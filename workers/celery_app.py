@@ -9,6 +9,7 @@ from celery import Celery, signals
 from celery.worker import state as worker_state
 
 from producer.client import Client
+from producer.connections import endpoint
 from producer.constants import TASK_NAME
 from producer.settings import Settings, get_settings
 
@@ -22,9 +23,14 @@ from .task import run_job
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("sibylq", broker=settings.broker, backend=backend_url(settings.result_url))
+    broker, results = endpoint(settings.broker, settings), endpoint(settings.result_url, settings)
+    app = Celery("sibylq", broker=broker.url, backend=backend_url(results.url))
     redact_logs(settings.broker_url, settings.result_backend)
     app.conf.update(
+        # One TLS policy for every client (producer.connections): kombu alone would not
+        # check the certificate of a bare rediss:// URL.
+        broker_use_ssl=broker.ssl_options() or False,
+        redis_backend_use_ssl=results.ssl_options() or False,
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",
         result_serializer="json",

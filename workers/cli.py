@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from producer.connections import check_usable
 from producer.errors import ConfigurationError
 from producer.modelref import ModelRef, model_stem, parse_model_ref
 from producer.settings import Settings, get_settings
@@ -57,6 +59,8 @@ def run_worker(
         from .model_files import resolve_model_path
 
         resolve_model_path(ref.name, settings)  # fail now, not at the first job
+    for url in dict.fromkeys((settings.broker, settings.result_url)):
+        check_usable(url, settings)  # exit now, not retry a refused password forever
     defaults = pool_defaults(ref, settings)
     pool, concurrency = pool or defaults.pool, concurrency or defaults.concurrency
     if ref.provider == "llamacpp" and settings.llama_n_threads is None:
@@ -70,7 +74,10 @@ def run_worker(
     from . import default_app
 
     node = f"sibylq-{ref.provider}-{model_stem(ref.name) or 'any'}-{os.getpid()}@%h"
-    default_app().worker_main(
+    # app.start, not worker_main: worker_main drops the worker's exit code (an
+    # "Unrecoverable error" exited 0). celery-types says start never returns; it returns it.
+    start: Callable[[list[str]], int | None] = default_app().start
+    code = start(
         [
             "worker",
             f"--queues={queue or ref.queue}",
@@ -82,7 +89,7 @@ def run_worker(
             "--without-mingle",
         ]
     )
-    return 0
+    return int(code or 0)
 
 
 def run_processes(

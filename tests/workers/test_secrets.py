@@ -4,7 +4,7 @@ letters, worker logs, nor the errors a caller sees."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +13,9 @@ import redis
 from producer import BackendError, BrokerUnavailableError, Client, Models, Settings
 from producer.constants import dead_letter_key, queue_name, result_key
 from producer.redact import redact, redact_url, secrets_of
-from producer.redis_server import RedisServer
 from tests.conftest import Worker, wait_for
 from tests.openai_stub import OpenAIStub
+from tests.secure_redis import PasswordRedis
 
 API_KEY = "sk-proj-7f3Kq9ZxR2mW8vT1nB4cY6dH0jL5pA"
 ECHO_QUEUE = queue_name("openai", "echo-auth")
@@ -63,34 +63,14 @@ def test_redact_masks_secrets_urls_and_bearer_tokens() -> None:
 
 
 @pytest.fixture(scope="module")
-def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> RedisServer:
+def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasswordRedis]:
     """A real redis-server with ``requirepass`` and an ACL user ``app``."""
-    server = _PasswordRedis(tmp_path_factory.mktemp("locked-redis")).start()
-    admin = redis.Redis(port=server.port, password=PASSWORD)
-    admin.acl_setuser("app", enabled=True, passwords=[f"+{PASSWORD}-app"], commands=["+@all"],
-                      keys=["*"], channels=["*"])  # fmt: skip
-    admin.close()
-    return server
-
-
-class _PasswordRedis(RedisServer):
-    def command(self) -> list[str]:
-        return [*super().command(), "--requirepass", PASSWORD]
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        import time
-
-        client = redis.Redis(port=self.port, password=PASSWORD, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                client.close()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    with PasswordRedis(tmp_path_factory.mktemp("locked-redis"), PASSWORD) as server:
+        admin = server.admin()
+        admin.acl_setuser("app", enabled=True, passwords=[f"+{PASSWORD}-app"],
+                          commands=["+@all"], keys=["*"], channels=["*"])  # fmt: skip
+        admin.close()
+        yield server
 
 
 @pytest.mark.parametrize(
@@ -98,7 +78,7 @@ class _PasswordRedis(RedisServer):
     ids=["wrong password", "ACL user, wrong password", "unknown ACL user"],
 )  # fmt: skip
 def test_a_refused_broker_password_is_not_in_the_error(
-    locked_redis: RedisServer, userinfo: str
+    locked_redis: PasswordRedis, userinfo: str
 ) -> None:
     url = f"redis://{userinfo}@127.0.0.1:{locked_redis.port}/0"
     client = Client(Settings(broker_url=url, cache=False))
@@ -113,7 +93,7 @@ def test_a_refused_broker_password_is_not_in_the_error(
 
 
 def test_a_worker_refused_by_redis_exits_non_zero_without_printing_the_password(
-    locked_redis: RedisServer, worker_env: dict[str, str], tmp_path: Path
+    locked_redis: PasswordRedis, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     url = f"redis://app:wrong-pw-1234@127.0.0.1:{locked_redis.port}/0"
     worker = Worker(["fake"], {**worker_env, "SIBYLQ_BROKER_URL": url}, tmp_path / "w.log")
