@@ -22,6 +22,9 @@ class Certificates:
     server_key: Path
     #: A CA that signed nothing this server presents.
     other_ca: Path
+    #: A client certificate the CA signed, for servers that ask for one.
+    client_cert: Path
+    client_key: Path
 
 
 def make_certificates(directory: Path) -> Certificates:
@@ -32,18 +35,21 @@ def make_certificates(directory: Path) -> Certificates:
     for name in ("ca", "other-ca"):
         subject = f"/CN=sibylq test {name}"
         _openssl(directory, f"req -x509 -new -out {name}.pem -days 2", f"{name}.key", subject)
-    _openssl(directory, "req -new -out server.csr", "server.key", "/CN=localhost")
     (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl(
-        directory,
-        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
-        "-days 2 -extfile san.cnf",
-    )
+    for name in ("server", "client"):
+        _openssl(directory, f"req -new -out {name}.csr", f"{name}.key", f"/CN={name}")
+        _openssl(
+            directory,
+            f"x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+            f"-out {name}.pem -days 2 -extfile san.cnf",
+        )
     return Certificates(
         ca=directory / "ca.pem",
         server_cert=directory / "server.pem",
         server_key=directory / "server.key",
         other_ca=directory / "other-ca.pem",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
     )
 
 
@@ -57,11 +63,15 @@ def _openssl(directory: Path, command: str, key: str = "", subject: str = "") ->
 
 
 class TLSRedis(RedisServer):
-    """``redis-server`` accepting TLS only, on its port; clients need no certificate."""
+    """``redis-server`` accepting TLS only, on its port; with ``client_certificates``, only
+    from clients presenting a certificate its CA signed."""
 
-    def __init__(self, directory: Path, certificates: Certificates) -> None:
+    def __init__(
+        self, directory: Path, certificates: Certificates, *, client_certificates: bool = False
+    ) -> None:
         super().__init__(directory)
         self.certificates = certificates
+        self.client_certificates = client_certificates
 
     @property
     def url(self) -> str:
@@ -75,12 +85,13 @@ class TLSRedis(RedisServer):
                 "--tls-cert-file", str(self.certificates.server_cert),
                 "--tls-key-file", str(self.certificates.server_key),
                 "--tls-ca-cert-file", str(self.certificates.ca),
-                "--tls-auth-clients", "no"]  # fmt: skip
+                "--tls-auth-clients", "yes" if self.client_certificates else "no"]  # fmt: skip
 
     def _wait_ready(self, timeout_s: float) -> None:
         client = redis.Redis(
             port=self.port, ssl=True, ssl_ca_certs=str(self.certificates.ca),
-            socket_connect_timeout=0.5,
+            ssl_certfile=str(self.certificates.client_cert),
+            ssl_keyfile=str(self.certificates.client_key), socket_connect_timeout=0.5,
         )  # fmt: skip
         _ping_until_ready(client, self, timeout_s)
 

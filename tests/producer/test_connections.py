@@ -4,6 +4,7 @@ URL exits non-zero, saying why."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -14,37 +15,24 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from producer import BrokerUnavailableError, Client, Models, OutputValidationError, Settings
+from producer import BrokerUnavailableError, Client, Job, Models, OutputValidationError, Settings
 from producer.connections import connect, endpoint
 from producer.constants import queue_name, workers_key
 from producer.errors import ConfigurationError
 from producer.status import fleet_status
 from tests.conftest import Worker, wait_for
 from tests.secure_redis import Certificates, PasswordRedis, TLSRedis, make_certificates
+from workers.celery_app import create_app
 
-#: What a producer and a worker need (README, "Running a fleet"): sibylq's keys, kombu's and
-#: Celery's result keys, every channel, and these commands.
-ACL_RULES = [
-    "~sibylq*",
-    "~celery-task-meta-*",
-    "~_kombu.*",
-    "~unacked*",
-    "&*",
-    "-@all",
-    "+@read",
-    "+@write",
-    "+@keyspace",
-    "+@list",
-    "+@hash",
-    "+@set",
-    "+@sortedset",
-    "+@string",
-    "+@pubsub",
-    "+@scripting",
-    "+@transaction",
-    "+@connection",
-    "+time",
-]
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_acl() -> list[str]:
+    """The rules of the README's ``ACL SETUSER sibylq`` line: the test runs what it documents."""
+    (line,) = [line for line in README.read_text().splitlines() if "ACL SETUSER sibylq" in line]
+    return line.split(">PASSWORD", 1)[1].split()
+
+
 REFUSED = (BrokerUnavailableError, OperationalError, redis.ConnectionError)
 FAILING_SCHEMA = {
     "type": "object",
@@ -97,8 +85,6 @@ def run_jobs(settings: Settings, queue: str) -> None:
         with pytest.raises(OutputValidationError):
             model.json("a", json_schema=FAILING_SCHEMA)
 
-        import asyncio
-
         async def awaited() -> Any:
             try:
                 return await model.call_async("hello")
@@ -146,8 +132,6 @@ def test_a_certificate_the_client_does_not_trust_is_refused_by_every_client(
     settings = Settings(
         broker_url=tls_redis.url, redis_tls_ca_file=ca, cache=False, broker_timeout_s=1
     )
-    from workers.celery_app import create_app
-
     app = create_app(settings)
     client = Client(settings)
     refusals: dict[str, Callable[[], object]] = {
@@ -179,6 +163,29 @@ def test_a_certificate_the_client_does_not_trust_is_refused_by_every_client(
     assert "SIBYLQ_REDIS_TLS_CA_FILE" in worker.log()
 
 
+def test_a_server_that_asks_for_a_client_certificate_gets_the_configured_one(
+    certificates: Certificates, tmp_path: Path
+) -> None:
+    with TLSRedis(tmp_path / "redis", certificates, client_certificates=True) as server:
+        settings = Settings(
+            broker_url=server.url, redis_tls_ca_file=certificates.ca,
+            redis_tls_cert_file=certificates.client_cert,
+            redis_tls_key_file=certificates.client_key, cache=False,
+        )  # fmt: skip
+        app = create_app(settings)
+        client = Client(settings)
+        try:
+            assert client.redis.ping()
+            client.celery.connection_for_write().ensure_connection(max_retries=0)
+            assert app.backend.client.ping()
+            no_cert = {"redis_tls_cert_file": None, "redis_tls_key_file": None}
+            with pytest.raises(redis.ConnectionError):
+                connect(server.url, settings.model_copy(update=no_cert)).ping()
+        finally:
+            client.close()
+            app.close()
+
+
 def _refusal(attempt: Callable[[], object]) -> str:
     """Why ``attempt`` failed to connect (or that it connected)."""
     try:
@@ -190,9 +197,6 @@ def _refusal(attempt: Callable[[], object]) -> str:
 
 def _await_with_listener(client: Client) -> None:
     """Wait for a job through the asyncio listener (its own redis-py connections)."""
-    import asyncio
-
-    from producer import Job
 
     async def wait() -> None:
         try:
@@ -244,7 +248,8 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasswordRedi
     """A Redis whose default user has a password, with the README's ACL user ``sibylq``."""
     with PasswordRedis(tmp_path_factory.mktemp("acl-redis"), "admin-password") as server:
         admin = server.admin()
-        admin.execute_command("ACL", "SETUSER", "sibylq", "on", ">sibylq-password", *ACL_RULES)
+        rules = documented_acl()
+        admin.execute_command("ACL", "SETUSER", "sibylq", "on", ">sibylq-password", *rules)
         admin.close()
         yield server
 
