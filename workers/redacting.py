@@ -3,11 +3,12 @@
 
 A failed job's stored traceback holds the whole exception chain: the ``openai`` SDK's error
 carries the server's body, and a proxy may echo the ``Authorization`` header there. Failure
-messages are redacted where they are made (``workers.backends``); these two exits catch the
-rest, whatever raised it:
+messages are redacted where they are made (``workers.backends``); these exits catch the rest,
+whatever raised it:
 
 - ``RedactingRedisBackend``: Celery's Redis result backend, masking every value it stores
   (the result, its traceback, a RETRY's reason) before it is SET and PUBLISHed;
+- ``redacted_failure``: a failure as it is stored and kept as a dead letter;
 - ``redact_logs``: every handler Celery sets up (the worker's log, its pool processes', the
   task logger's) formats through ``RedactingFormatter``.
 """
@@ -20,7 +21,9 @@ from typing import Any
 from celery import Celery, signals
 from celery.backends.redis import RedisBackend
 
+from producer.contract import Failure
 from producer.redact import redact, secrets_of
+from producer.settings import Settings
 
 
 class RedactingRedisBackend(RedisBackend):
@@ -42,6 +45,19 @@ class RedactingRedisBackend(RedisBackend):
 def backend_url(url: str) -> str:
     """``result_backend`` for Celery: ``url`` served by ``RedactingRedisBackend``."""
     return f"{__name__}:{RedactingRedisBackend.__name__}+{url}"
+
+
+def redacted_failure(failure: Failure, settings: Settings) -> Failure:
+    """``failure`` as it may be stored (a dead letter, the result): an unexpected error's
+    message is written by whatever raised it."""
+    secrets = secrets_of(settings.broker_url, settings.result_backend)
+    return failure.model_copy(
+        update={
+            "message": redact(failure.message, secrets),
+            "raw_text": None if failure.raw_text is None else redact(failure.raw_text, secrets),
+            "raw_outputs": tuple(redact(text, secrets) for text in failure.raw_outputs),
+        }
+    )
 
 
 class RedactingFormatter(logging.Formatter):

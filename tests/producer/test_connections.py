@@ -129,9 +129,8 @@ def test_a_certificate_the_client_does_not_trust_is_refused_by_every_client(
     trust: str,
 ) -> None:
     ca = certificates.other_ca if trust == "another CA" else None
-    settings = Settings(
-        broker_url=tls_redis.url, redis_tls_ca_file=ca, cache=False, broker_timeout_s=1
-    )
+    url = tls_redis.url.replace("rediss://", "rediss://:tls-secret-pw@")
+    settings = Settings(broker_url=url, redis_tls_ca_file=ca, cache=False, broker_timeout_s=1)
     app = create_app(settings)
     client = Client(settings)
     refusals: dict[str, Callable[[], object]] = {
@@ -145,13 +144,14 @@ def test_a_certificate_the_client_does_not_trust_is_refused_by_every_client(
     try:
         outcomes = {name: _refusal(attempt) for name, attempt in refusals.items()}
         assert all("certificate verify failed" in text for text in outcomes.values()), outcomes
+        assert "tls-secret-pw" not in str(outcomes)
         with pytest.raises(BrokerUnavailableError):
             _await_with_listener(client)  # the asyncio listener's connections
     finally:
         client.close()
         app.close()
 
-    env = {**worker_env, "SIBYLQ_BROKER_URL": tls_redis.url}
+    env = {**worker_env, "SIBYLQ_BROKER_URL": url}
     if ca is not None:
         env["SIBYLQ_REDIS_TLS_CA_FILE"] = str(ca)
     worker = Worker(["fake"], env, tmp_path / "worker.log")
@@ -161,6 +161,7 @@ def test_a_certificate_the_client_does_not_trust_is_refused_by_every_client(
         worker.stop()
     assert "certificate verify failed" in worker.log()
     assert "SIBYLQ_REDIS_TLS_CA_FILE" in worker.log()
+    assert "tls-secret-pw" not in worker.log()
 
 
 def test_a_server_that_asks_for_a_client_certificate_gets_the_configured_one(
@@ -226,12 +227,21 @@ def test_the_url_says_how_to_verify_and_nothing_else_does() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:6379/0", "rediss://127.0.0.1:6379/0?ssl_cert_reqs=maybe"]
+    ("url", "ca_file"),
+    [
+        ("http://127.0.0.1:6379/0", ""),
+        ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=maybe", ""),
+        ("rediss://127.0.0.1:6379/0", "/no/such/ca.pem"),
+    ],
+    ids=["bad scheme", "bad ssl_cert_reqs", "missing CA file"],
 )
 def test_a_worker_given_a_url_it_cannot_use_exits_non_zero(
-    url: str, worker_env: dict[str, str], tmp_path: Path
+    url: str, ca_file: str, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
-    worker = Worker(["fake"], {**worker_env, "SIBYLQ_BROKER_URL": url}, tmp_path / "w.log")
+    env = {**worker_env, "SIBYLQ_BROKER_URL": url}
+    if ca_file:
+        env["SIBYLQ_REDIS_TLS_CA_FILE"] = ca_file
+    worker = Worker(["fake"], env, tmp_path / "w.log")
     try:
         assert worker.process.wait(timeout=60) != 0
     finally:

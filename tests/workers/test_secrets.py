@@ -12,10 +12,12 @@ import redis
 
 from producer import BackendError, BrokerUnavailableError, Client, Models, Settings
 from producer.constants import dead_letter_key, queue_name, result_key
+from producer.contract import Failure
 from producer.redact import redact, redact_url, secrets_of
 from tests.conftest import Worker, wait_for
 from tests.openai_stub import OpenAIStub
 from tests.secure_redis import PasswordRedis
+from workers.redacting import redacted_failure
 
 API_KEY = "sk-proj-7f3Kq9ZxR2mW8vT1nB4cY6dH0jL5pA"
 ECHO_QUEUE = queue_name("openai", "echo-auth")
@@ -60,6 +62,22 @@ def test_redact_masks_secrets_urls_and_bearer_tokens() -> None:
     assert redact_url("rediss://:pw@host/0") == "rediss://:***@host/0"
     assert redact_url("redis://host/0") == "redis://host/0"
     assert set(secrets_of("redis://u:p%40ss@h/0", None)) >= {"p%40ss", "p@ss"}
+
+
+def test_an_unexpected_errors_message_is_redacted_before_it_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    settings = Settings(broker_url=f"redis://:{PASSWORD}@127.0.0.1:6379/0")
+    failure = Failure(
+        type="RuntimeError",
+        message=f"cannot use {API_KEY} at redis://:{PASSWORD}@127.0.0.1:6379/0",
+        raw_text=f"echo {API_KEY}",
+        raw_outputs=(f"echo {API_KEY}",),
+    )
+    kept = redacted_failure(failure, settings).encode()
+    assert API_KEY not in json.dumps(kept) and PASSWORD not in json.dumps(kept)
+    assert kept["message"] == "cannot use *** at redis://:***@127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="module")
