@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -38,6 +39,11 @@ _CERT_REQS = {
 }
 _FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 _TLS_QUERY = ("ssl_cert_reqs", *_FILE_OPTIONS)
+_SETTINGS = {
+    "ssl_ca_certs": "SIBYLQ_REDIS_TLS_CA_FILE",
+    "ssl_certfile": "SIBYLQ_REDIS_TLS_CERT_FILE",
+    "ssl_keyfile": "SIBYLQ_REDIS_TLS_KEY_FILE",
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,16 @@ class Endpoint:
 
 
 def endpoint(url: str, settings: Settings) -> Endpoint:
-    """``url`` checked, with the TLS policy applied; raises ConfigurationError."""
+    """``url`` checked, with the TLS policy applied; raises ConfigurationError. Cached: a
+    worker asks for its result Redis several times per job."""
+    files = (settings.redis_tls_ca_file, settings.redis_tls_cert_file, settings.redis_tls_key_file)
+    return _endpoint(url, *files)
+
+
+@lru_cache(maxsize=64)
+def _endpoint(
+    url: str, ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> Endpoint:
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise ConfigurationError(
@@ -71,20 +86,16 @@ def endpoint(url: str, settings: Settings) -> Endpoint:
                 "use rediss:// for TLS"
             )
         return Endpoint(plain)
-    return Endpoint(plain, tuple(sorted(_tls_options(given, settings).items())))
+    configured = {"ssl_ca_certs": ca_file, "ssl_certfile": cert_file, "ssl_keyfile": key_file}
+    return Endpoint(plain, tuple(sorted(_tls_options(given, configured).items())))
 
 
-def _tls_options(given: dict[str, str], settings: Settings) -> dict[str, Any]:
+def _tls_options(given: dict[str, str], configured: dict[str, Path | None]) -> dict[str, Any]:
     reqs_name = given.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
     if reqs_name not in _CERT_REQS:
         raise ConfigurationError(
             f"ssl_cert_reqs={given['ssl_cert_reqs']!r}: use required, optional or none"
         )
-    configured = {
-        "ssl_ca_certs": settings.redis_tls_ca_file,
-        "ssl_certfile": settings.redis_tls_cert_file,
-        "ssl_keyfile": settings.redis_tls_key_file,
-    }
     options: dict[str, Any] = {
         "ssl_cert_reqs": _CERT_REQS[reqs_name],
         "ssl_check_hostname": reqs_name != "none",
@@ -93,7 +104,8 @@ def _tls_options(given: dict[str, str], settings: Settings) -> dict[str, Any]:
         path = given.get(key) or configured[key]
         if path is not None:
             if not Path(path).is_file():
-                raise ConfigurationError(f"Redis TLS: {key} {str(path)!r} is not a file")
+                where = f"the URL's {key}" if key in given else _SETTINGS[key]
+                raise ConfigurationError(f"Redis TLS: {where} {str(path)!r} is not a file")
             options[key] = str(path)
     return options
 

@@ -248,6 +248,8 @@ def test_a_worker_given_a_url_it_cannot_use_exits_non_zero(
         worker.stop()
     assert "sibylq: error:" in worker.log()
     assert "Traceback" not in worker.log()
+    if ca_file:
+        assert f"SIBYLQ_REDIS_TLS_CA_FILE {ca_file!r} is not a file" in worker.log()
 
 
 # --- ACL
