@@ -52,6 +52,7 @@ def test_a_key_echoed_by_the_endpoint_is_in_no_result_dead_letter_log_or_error(
     }.items():
         assert API_KEY not in text, where  # ...but not the key
     assert "openai.BadRequestError" in json.loads(stored)["traceback"]
+    assert "bad key Bearer ***" in echo_worker.log()  # logged, redacted
 
 
 def test_redact_masks_secrets_urls_and_bearer_tokens() -> None:
