@@ -43,7 +43,7 @@ def test_a_key_echoed_by_the_endpoint_is_in_no_result_dead_letter_log_or_error(
     letter = dead_letters.get(dead_letter_key(job.id))
     assert stored is not None and letter is not None
     assert json.loads(stored)["traceback"]  # the traceback is stored, its chain included...
-    wait_for("the failure in the worker's log", lambda: job.id in echo_worker.log())
+    wait_for("the failure in the worker's log", lambda: f"{job.id}] raised" in echo_worker.log())
     for where, text in {
         "error": str(raised.value),
         "stored result": stored.decode(),
