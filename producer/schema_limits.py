@@ -8,10 +8,12 @@ A schema reaches recursive Python code (``json``, pydantic, jsonschema) and nati
 - every ``$ref`` is local (``#`` or ``#/a/json/pointer``) and resolves: a worker never fetches
   a schema; ``$dynamicRef`` and ``$recursiveRef`` are not supported;
 - a ``$ref`` cycle must pass through an object's property or an array's items: a recursive
-  data structure, such as a tree (a pydantic model with a ``list["Node"]`` field), works on
-  every backend. A schema that reaches itself without nesting (``{"$ref": "#"}``, A -> B -> A,
-  or through ``anyOf``/``allOf``...) is refused: jsonschema recurses forever on it, and
-  llama.cpp's grammar for it crashes its process (SIGSEGV).
+  data structure, such as a tree (a pydantic model with a ``list["Node"]`` field), is
+  allowed: llama.cpp makes a grammar of it (measured with SmolLM2), the fake backend a value,
+  and remote APIs get it as it is. A schema that reaches itself without nesting
+  (``{"$ref": "#"}``, A -> B -> A, or through ``anyOf``/``allOf``...) is refused:
+  jsonschema recurses forever on it, and llama.cpp's grammar for it crashes its process
+  (SIGSEGV).
 
 Every check is iterative: a hostile schema cannot exhaust the stack here.
 """
