@@ -21,9 +21,10 @@ from .contract import Failure, GenConf
 from .deadletters import DeadLetter, list_dead, purge_dead, retry_dead
 from .errors import BrokerUnavailableError, InvalidRequestError, SibylqError
 from .modelref import parse_model_ref
+from .redact import redact_url
 from .redis_server import find_redis_server
 from .settings import get_settings
-from .status import add_status_parser, format_table, redact_url, run_status
+from .status import add_status_parser, format_table, run_status
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from . import cache
+from .connections import Endpoint, connect, endpoint
 from .constants import attempts_key, claim_key, result_key, workers_key
 from .contract import JobSpec
 from .enqueue import (
@@ -48,6 +49,7 @@ from .enqueue import (
 from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
 from .modelref import ModelRef
+from .redact import redact, secrets_of
 from .settings import Settings, get_settings
 from .waiting import UNREACHABLE
 
@@ -102,8 +104,10 @@ class Client:
 
     @cached_property
     def celery(self) -> Celery:
-        app = Celery("sibylq-producer", broker=self.settings.broker_url, set_as_current=False)
+        broker = endpoint(self.settings.broker, self.settings)
+        app = Celery("sibylq-producer", broker=broker.url, set_as_current=False)
         app.conf.update(
+            broker_use_ssl=broker.ssl_options() or False,  # producer.connections' TLS policy
             task_serializer="json",
             accept_content=["json"],
             result_backend=None,
@@ -122,8 +126,9 @@ class Client:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(
+        return connect(
             self.settings.result_url,
+            self.settings,
             client_name="sibylq-producer",
             socket_connect_timeout=2,
             socket_keepalive=True,
@@ -188,7 +193,7 @@ class Client:
                 return True
             return self._push_script(keys=step.keys, args=step.args)
         except RETRYABLE as exc:
-            return _failed(step, exc)
+            return _failed(step, self._redacted(exc))
 
     async def _perform_async(self, step: EnqueueStep) -> Any:
         if isinstance(step, Pause):
@@ -200,13 +205,13 @@ class Client:
                 async with asyncio.timeout(timeout_s):
                     await enqueuer.store_hit(step, self.settings.result_expires_s)
             except RETRYABLE as exc:
-                return _failed(step, exc)
+                return _failed(step, self._redacted(exc))
             return True
         if isinstance(step, ReadCache):
             reply = await enqueuer.read_cache(step.key)
         else:
             reply = await enqueuer.push(step.keys, step.args)
-        return _failed(step, reply) if isinstance(reply, Exception) else reply
+        return _failed(step, self._redacted(reply)) if isinstance(reply, Exception) else reply
 
     @cached_property
     def _try_timeout_s(self) -> float:
@@ -217,8 +222,10 @@ class Client:
         """The connections that enqueue: without redis-py's own retries (the enqueue flow
         retries, within its budget) and with a timeout on every try."""
         timeout_s = self._try_timeout_s
+        target = endpoint(self.settings.broker, self.settings)
         return BrokerRedis.from_url(
-            self.settings.broker,
+            target.url,
+            **target.ssl_options(),
             client_name="sibylq-producer",
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
@@ -278,7 +285,17 @@ class Client:
         try:
             self.celery.control.revoke(job_id)
         except (OperationalError, OSError) as exc:
-            raise BrokerUnavailableError(f"cannot cancel job {job_id}: {exc}") from exc
+            raise BrokerUnavailableError(
+                f"cannot cancel job {job_id}: {self._redacted(exc)}"
+            ) from exc
+
+    def _endpoint(self, url: str) -> Endpoint:
+        return endpoint(url, self.settings)
+
+    def _redacted(self, exc: BaseException) -> BrokerUnavailableError:
+        """``exc`` as an error that holds none of the Redis passwords (``producer.redact``)."""
+        secrets = secrets_of(self.settings.broker_url, self.settings.result_backend)
+        return BrokerUnavailableError(redact(f"{type(exc).__name__}: {exc}", secrets))
 
     def subscription(self, job_id: str, *, fresh: bool = False) -> Subscription:
         """A blocking wait's subscription to ``job_id``'s result; ``fresh``: opened before
@@ -293,6 +310,7 @@ class Client:
             listener = ResultListener(
                 self.settings.result_url,
                 heartbeat_grace_s=HEARTBEAT_GRACE * self.settings.heartbeat_interval_s,
+                endpoint=self._endpoint,
             )
             self._listeners[loop] = listener
         return listener

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ContractError
+from .schema_limits import check_schema
 
 CONTRACT_VERSION = 1  # the Literal[1] of JobSpec.version and Envelope.version
 
@@ -65,7 +66,13 @@ class JobSpec(_Frozen):
 
     @classmethod
     def decode(cls, data: object) -> JobSpec:
-        return _decode(cls, data)
+        """The job a worker received: raises ContractError for what is no JobSpec, and
+        InvalidRequestError for a schema no backend may see (``producer.schema_limits``:
+        a producer checks before enqueueing, but a job may come from elsewhere)."""
+        spec = _decode(cls, data)
+        if spec.json_schema is not None:
+            check_schema(spec.json_schema)
+        return spec
 
 
 class Usage(_Frozen):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .batching import Batcher, LoopEnqueuer
+from .connections import Endpoint, plain_endpoint
 from .constants import job_id_from_result_key, result_key, workers_key
 from .waiting import UNREACHABLE, ready_meta
 
@@ -35,13 +36,22 @@ _RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 class ResultListener:
     """Resolves ``watch(job_id)`` futures with the job's stored result (raw JSON bytes)."""
 
-    def __init__(self, url: str, *, heartbeat_grace_s: float, presence_ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat_grace_s: float,
+        presence_ttl_s: float = 1.0,
+        endpoint: Callable[[str], Endpoint] = plain_endpoint,
+    ) -> None:
+        # ``endpoint``: a URL with the TLS options its clients need (``producer.connections``).
         # No retries or reconnects inside redis-py (supported_errors=()): one made on its own
         # would resubscribe but skip re-reading the keys stored meanwhile, and a reconnect
         # from a subscribe call would read the handshake while the reader task reads. Errors
         # end the session instead; the next one resubscribes and re-reads everything.
         self._url = url
-        self._redis = _client(url, "sibylq-listener")
+        self._endpoint = endpoint
+        self._redis = _client(url, "sibylq-listener", endpoint)
         self._enqueuer: LoopEnqueuer | None = None
         self._broker: aioredis.Redis | None = None  # when it is not the result Redis
         self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
@@ -108,7 +118,7 @@ class ResultListener:
             results = Batcher(self._redis, try_timeout_s=try_timeout_s)
             broker = results
             if broker_url != self._url:
-                self._broker = _client(broker_url, "sibylq-producer")
+                self._broker = _client(broker_url, "sibylq-producer", self._endpoint)
                 broker = Batcher(self._broker, try_timeout_s=try_timeout_s)
             self._enqueuer = LoopEnqueuer(
                 results=results, broker=broker, results_client=self._redis
@@ -216,12 +226,14 @@ class ResultListener:
                 future.set_result(raw if isinstance(raw, bytes) else raw.encode())
 
 
-def _client(url: str, name: str) -> aioredis.Redis:
+def _client(url: str, name: str, endpoint: Callable[[str], Endpoint]) -> aioredis.Redis:
     """At most 3 connections: for the listener, the pub/sub one and two for commands (MGET,
     ZCOUNT, and pushes when the broker is the same Redis). No retries or reconnects inside
     redis-py (see ``ResultListener``); callers bound each command's time themselves."""
+    target = endpoint(url)  # producer.connections' TLS policy
     pool = aioredis.BlockingConnectionPool.from_url(
-        url,
+        target.url,
+        **target.ssl_options(),
         max_connections=3,
         timeout=None,
         client_name=name,

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(
         default=None, description="Redis URL for results; defaults to broker_url."
     )
+    redis_tls_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle verifying a rediss:// server's certificate (producer.connections); "
+        "unset: the system's CAs.",
+    )
+    redis_tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate, for rediss:// servers that ask for one."
+    )
+    redis_tls_key_file: Path | None = Field(default=None, description="The client key.")
     result_expires_s: int = Field(default=7 * 24 * 3600, gt=0)
     result_timeout_s: float | None = Field(
         default=None, gt=0, description="Default wait for a result; unset waits without limit."

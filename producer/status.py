@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from .connections import connect
 from .constants import (
     FAILURES_RETENTION_S,
     KOMBU_PRIORITY_SEP,
@@ -42,6 +42,7 @@ from .constants import (
     workers_key,
 )
 from .errors import BrokerUnavailableError, ConfigurationError
+from .redact import redact_url
 from .settings import Settings, get_settings
 
 #: ``--window`` default, minutes.
@@ -144,9 +145,11 @@ def fleet_status(
         raise ConfigurationError(NO_BROKER)
     if not 1 <= window_min <= MAX_WINDOW_MIN:
         raise ConfigurationError(f"the failure window must be 1..{MAX_WINDOW_MIN} minutes")
-    broker = _connect(settings.broker_url)
+    broker = _connect(settings.broker_url, settings)
     results = (
-        broker if settings.result_url == settings.broker_url else _connect(settings.result_url)
+        broker
+        if settings.result_url == settings.broker_url
+        else _connect(settings.result_url, settings)
     )
     try:
         return _collect(broker, results, redact_url(settings.broker_url), window_min)
@@ -160,9 +163,9 @@ def fleet_status(
             results.close()
 
 
-def _connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, client_name="sibylq-status", socket_connect_timeout=3, socket_timeout=10
+def _connect(url: str, settings: Settings) -> redis.Redis:
+    return connect(
+        url, settings, client_name="sibylq-status", socket_connect_timeout=3, socket_timeout=10
     )
 
 
@@ -297,16 +300,6 @@ def job_created_at(raw: bytes | str | None) -> datetime | None:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error):
         return None
     return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def add_status_parser(commands: Any) -> None:

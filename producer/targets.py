@@ -24,6 +24,7 @@ from pydantic.errors import PydanticInvalidForJsonSchema, PydanticUserError
 from typing_extensions import is_typeddict
 
 from .errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
+from .schema_limits import MAX_DEPTH, check_schema
 
 WRAP_KEY = "output"
 
@@ -70,13 +71,20 @@ TEXT = Target(json_schema=None)
 
 
 def target_for(python_type: Any) -> Target:
-    """The target for ``extract(python_type, ...)``; raises UnsupportedTargetError."""
+    """The target for ``extract(python_type, ...)``; raises UnsupportedTargetError, or
+    InvalidRequestError for a type whose schema breaks ``producer.schema_limits``."""
     try:
-        return _cached_target(python_type)
-    except TypeError as exc:  # an unhashable type expression: build it every time
-        if isinstance(exc, UnsupportedTargetError):
-            raise
-        return _build_target(python_type)
+        try:
+            return _cached_target(python_type)
+        except TypeError as exc:  # an unhashable type expression: build it every time
+            if isinstance(exc, UnsupportedTargetError):
+                raise
+            return _build_target(python_type)
+    except RecursionError:  # hashing the type, pydantic, even its repr: all recursive
+        raise InvalidRequestError(
+            f"the output type nests too deeply (at most {MAX_DEPTH} levels of JSON schema): "
+            "flatten it"
+        ) from None
 
 
 @lru_cache(maxsize=512)
@@ -99,6 +107,7 @@ def _build_target(python_type: Any) -> Target:
         ) from exc
     if description:
         schema["description"] = description
+    check_schema(schema)
     _describe_fields(base, schema)
     if _is_object_with_properties(schema):
         return Target(json_schema=schema, adapter=adapter)
@@ -147,8 +156,13 @@ def _load_schema(json_schema: dict[str, Any] | str) -> dict[str, Any]:
             json_schema = json.loads(json_schema)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"json_schema is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise InvalidRequestError(
+                f"json_schema nests too deeply (at most {MAX_DEPTH} levels)"
+            ) from None
     if not isinstance(json_schema, dict):
         raise InvalidRequestError(f"json_schema must be a JSON object, not {json_schema!r}")
+    check_schema(json_schema)  # first: jsonschema's own check recurses
     try:
         Draft202012Validator.check_schema(json_schema)
     except SchemaError as exc:

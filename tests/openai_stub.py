@@ -33,6 +33,9 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ``stub-context``            HTTP 400 ``context_length_exceeded``
 ``stub-status-<code>``      always HTTP ``<code>`` (4xx or 5xx) with an OpenAI-style error body
                             (``stub-status-429`` without ``retry-after`` headers)
+``stub-echo-auth-<code>``   always HTTP ``<code>`` whose message echoes the request's whole
+                            ``Authorization`` header (``bad key Bearer sk-...``), as some
+                            proxies do
 ``stub-slow-<ms>``          sleeps ``<ms>`` milliseconds, then behaves normally
 ``stub-ratelimit[-<ms>]``   always HTTP 429 ``rate_limit_exceeded`` with ``retry-after-ms: <ms>``
                             (default ``Chaos.retry_after_s``), ``retry-after`` (whole seconds,
@@ -104,6 +107,7 @@ _OWNER = "sibylq-stub"
 _REQUESTS_PER_MIN = 10_000
 _TOKENS_PER_MIN = 2_000_000
 _STATUS_MODEL = re.compile(r"stub-status-([45]\d\d)")
+_ECHO_AUTH_MODEL = re.compile(r"stub-echo-auth-([45]\d\d)")
 _SLOW_MODEL = re.compile(r"stub-slow-(\d+)")
 _RATELIMIT_MODEL = re.compile(r"stub-ratelimit(?:-(\d+))?")
 _RATELIMIT_FIRST_MODEL = re.compile(r"stub-ratelimit-first(?:-.+)?")
@@ -303,6 +307,8 @@ def _required(body: JSON, name: str, kind: type) -> Any:
 def _apply_model_behaviour(model: str, authorization: str) -> None:
     if status := _STATUS_MODEL.fullmatch(model):
         raise status_error(int(status.group(1)), model, authorization)
+    if echo := _ECHO_AUTH_MODEL.fullmatch(model):
+        raise StubError(int(echo.group(1)), f"bad key {authorization}", code="invalid_api_key")
     if model == "stub-context":
         raise StubError(
             400,

@@ -9,6 +9,7 @@ from celery import Celery, signals
 from celery.worker import state as worker_state
 
 from producer.client import Client
+from producer.connections import endpoint
 from producer.constants import TASK_NAME
 from producer.settings import HARD_LIMIT_GRACE_S, Settings, get_settings
 
@@ -18,6 +19,7 @@ from .heartbeat import Heartbeat
 from .leases import LeaseKeeper
 from .metrics import WorkerMetrics, process_exited
 from .parking import Promoter
+from .redacting import redact_logs
 from .results import BACKEND
 from .store import result_redis
 from .task import run_job
@@ -30,13 +32,20 @@ SOFT_LIMIT_GRACE_S = 2.0
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
+    broker, results = endpoint(settings.broker, settings), endpoint(settings.result_url, settings)
     # Results go through Celery's Redis backend, except that no write replaces a final result
-    # (workers.results): when a job runs twice, the first result stored wins.
-    app = Celery("sibylq", broker=settings.broker, backend=f"{BACKEND}+{settings.result_url}")
+    # (workers.results: when a job runs twice, the first result stored wins) and no value
+    # stored holds a secret (workers.redacting).
+    app = Celery("sibylq", broker=broker.url, backend=f"{BACKEND}+{results.url}")
+    redact_logs(settings.broker_url, settings.result_backend)
     app.conf.update(
         # kombu's Redis transport, screening every entry before it is decoded and closing
         # cleanly when a connection dies mid-read (workers.broker).
         broker_transport=TRANSPORT,
+        # One TLS policy for every client (producer.connections): kombu alone would not
+        # check the certificate of a bare rediss:// URL.
+        broker_use_ssl=broker.ssl_options() or False,
+        redis_backend_use_ssl=results.ssl_options() or False,
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",
         result_serializer="json",

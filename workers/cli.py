@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from producer.connections import check_usable
 from producer.errors import ConfigurationError
 from producer.modelref import ModelRef, model_stem, parse_model_ref
 from producer.settings import Settings, get_settings
@@ -59,6 +60,8 @@ def run_worker(
         from .model_files import resolve_model_path
 
         resolve_model_path(ref.name, settings)  # fail now, not at the first job
+    for url in dict.fromkeys((settings.broker, settings.result_url)):
+        check_usable(url, settings)  # exit now, not retry a refused password forever
     defaults = pool_defaults(ref, settings)
     pool, concurrency = pool or defaults.pool, concurrency or defaults.concurrency
     if ref.provider == "llamacpp" and settings.llama_n_threads is None:

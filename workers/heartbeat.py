@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from producer.client import HEARTBEAT_GRACE
+from producer.connections import connect
 from producer.constants import QUEUES_KEY, QUEUES_RETENTION_S, worker_info_key, workers_key
 from producer.settings import Settings
 
@@ -40,7 +41,7 @@ class Heartbeat:
         busy: Callable[[], int] | None = None,
         metrics_port: int | None = None,
     ) -> None:
-        self._redis = redis.Redis.from_url(settings.result_url, socket_connect_timeout=2)
+        self._redis = connect(settings.result_url, settings, socket_connect_timeout=2)
         self._interval_s = settings.heartbeat_interval_s
         self._hostname = hostname
         self._queues = sorted(queues)

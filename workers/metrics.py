@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis
 
+from producer.connections import connect
 from producer.constants import queue_list_keys
 from producer.contract import Usage
 from producer.settings import Settings
@@ -227,8 +228,9 @@ class WorkerCollector:
         self._queues = list(queues)
         self._running = running
         self._concurrency = concurrency
-        self._redis = redis.Redis.from_url(
+        self._redis = connect(
             settings.broker,
+            settings,
             client_name="sibylq-metrics",
             socket_connect_timeout=SCRAPE_REDIS_TIMEOUT_S,
             socket_timeout=SCRAPE_REDIS_TIMEOUT_S,

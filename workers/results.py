@@ -4,21 +4,23 @@ final result.
 Celery stores failures (and RETRY) itself. Its Redis backend reads the current state, skips the
 write only when it is SUCCESS, then SETs and PUBLISHes: a second run of the same job could
 still replace a stored FAILURE, or slip its write in between the read and the SET of another.
-Here the check and the write are one Lua call (``producer.outcome.STORE_UNLESS_FINAL``), the
-same rule the task's own success store follows: the first final result stored wins.
+Here (below the redaction of ``workers.redacting``) the check and the write are one Lua call
+(``producer.outcome.STORE_UNLESS_FINAL``), the same rule the task's own success store follows:
+the first final result stored wins.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery.backends.redis import RedisBackend
 from redis.commands.core import Script
 
 from producer.outcome import STORE_UNLESS_FINAL
 
+from .redacting import RedactingRedisBackend
+
 # celery-types' stub of RedisBackend omits what is used here (``expires``, ``client``).
-_RedisBackend: Any = RedisBackend
+_RedisBackend: Any = RedactingRedisBackend
 
 
 class ResultBackend(_RedisBackend):  # type: ignore[misc]

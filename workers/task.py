@@ -41,6 +41,7 @@ from .backends import Backend, Deadline, RetryLater, create_backend
 from .delivery import JobFailure, begin_delivery, host, queue_of, retrying, store_success
 from .execute import Progress, execute
 from .parking import Parked, backoff_s, delay_after, park
+from .redacting import redacted_failure
 from .store import result_redis
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ class _Run:
 
     def failed(self, failure: Failure) -> JobFailure:
         """Count the failure, record the dead letter; the carrier to raise."""
+        failure = redacted_failure(failure, self.settings)
         self.finish("failed", error=failure.type, usage=failure.usage)
         count_failure(self.settings, self.queue)
         record_dead_letter(self.task, self.job(), self.payload, failure, self.settings)

@@ -18,8 +18,9 @@ import redis
 from producer import Client, Job, JobFailedError, Models, Settings
 from producer.constants import failures_key, queue_list_keys, queue_name
 from producer.contract import JobKind, JobSpec, Message
+from producer.redact import redact_url
 from producer.redis_server import RedisServer, free_port
-from producer.status import fleet_status, job_created_at, redact_url
+from producer.status import fleet_status, job_created_at
 from tests.conftest import HEARTBEAT_S, Worker
 
 SERVED = queue_name("fake", "status")

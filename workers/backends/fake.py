@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from producer.contract import Usage
-from producer.errors import ConfigurationError
+from producer.errors import BackendError, ConfigurationError
 
 from .base import Completion, CompletionRequest
 
@@ -61,52 +61,68 @@ def _word_count(request: CompletionRequest) -> int:
     return sum(len(message.content.split()) for message in request.messages)
 
 
-def example_value(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
-    """A small value that validates against ``schema`` (the subset sibylq's targets produce)."""
+def example_value(
+    schema: dict[str, Any], root: dict[str, Any] | None = None, refs: tuple[str, ...] = ()
+) -> Any:
+    """A small value that validates against ``schema`` (the subset sibylq's targets produce).
+    ``refs``: the ``$ref`` being expanded; a recursive schema (a tree) ends where an array of
+    one may be empty."""
     root = schema if root is None else root
     if "$ref" in schema:
-        return example_value(_resolve(schema["$ref"], root), root)
+        ref = schema["$ref"]
+        if ref in refs:
+            raise BackendError(
+                f"the fake backend has no finite value for {ref}: it requires itself"
+            )
+        return example_value(_resolve(ref, root), root, (*refs, ref))
     if "const" in schema:
         return schema["const"]
     if "enum" in schema:
         return schema["enum"][0]
     for key in ("anyOf", "oneOf", "allOf"):
         if key in schema:
-            return example_value(schema[key][0], root)
+            return example_value(schema[key][0], root, refs)
     kind = schema.get("type", "object")
     if isinstance(kind, list):
         kind = kind[0]
-    return _EXAMPLES_BY_TYPE[kind](schema, root)
+    return _EXAMPLES_BY_TYPE[kind](schema, root, refs)
 
 
 def _resolve(ref: str, root: dict[str, Any]) -> dict[str, Any]:
     node: Any = root
-    for part in ref.removeprefix("#/").split("/"):
+    for part in ref.removeprefix("#").split("/")[1:]:
         node = node[part]
     return dict(node)
 
 
-def _example_object(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+def _example_object(
+    schema: dict[str, Any], root: dict[str, Any], refs: tuple[str, ...]
+) -> dict[str, Any]:
     properties = schema.get("properties", {})
-    return {name: example_value(properties[name], root) for name in schema.get("required", [])}
+    return {
+        name: example_value(properties[name], root, refs) for name in schema.get("required", [])
+    }
 
 
-def _example_array(schema: dict[str, Any], root: dict[str, Any]) -> list[Any]:
-    count = max(int(schema.get("minItems", 1)), 1)
+def _example_array(
+    schema: dict[str, Any], root: dict[str, Any], refs: tuple[str, ...]
+) -> list[Any]:
     items = schema.get("items", {"type": "string"})
-    return [example_value(items, root) for _ in range(count)]
+    fewest = 0 if items.get("$ref") in refs else 1  # a tree's leaves have no children
+    count = max(int(schema.get("minItems", fewest)), fewest)
+    return [example_value(items, root, refs) for _ in range(count)]
 
 
-def _example_string(schema: dict[str, Any], root: dict[str, Any]) -> str:
+def _example_string(schema: dict[str, Any], *_: Any) -> str:
     text = _FORMAT_EXAMPLES.get(schema.get("format", ""), "fake")
     return text.ljust(int(schema.get("minLength", 0)), "x")
 
 
-def _example_number(schema: dict[str, Any], root: dict[str, Any]) -> float:
+def _example_number(schema: dict[str, Any], *_: Any) -> float:
     return float(schema.get("minimum", 0))
 
 
-def _example_integer(schema: dict[str, Any], root: dict[str, Any]) -> int:
+def _example_integer(schema: dict[str, Any], *_: Any) -> int:
     return int(schema.get("minimum", 0))
 
 
@@ -116,6 +132,6 @@ _EXAMPLES_BY_TYPE: dict[str, Any] = {
     "string": _example_string,
     "number": _example_number,
     "integer": _example_integer,
-    "boolean": lambda schema, root: True,
-    "null": lambda schema, root: None,
+    "boolean": lambda *_: True,
+    "null": lambda *_: None,
 }

@@ -40,13 +40,13 @@ import os
 import threading
 import time
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessage
 
 from producer.contract import GenConf, Message, Usage
 from producer.errors import BackendError, JobFailedError, PromptTooLongError
+from producer.redact import redact, redact_url
 from producer.settings import RateLimit, Settings
 
 from ..ratelimit import RateLimiter, estimate_tokens, scope_for
@@ -84,7 +84,7 @@ class OpenAIBackend:
         self._client = client if client is not None else shared_client(settings)
         self._limiter = limiter if limiter is not None else RateLimiter(result_redis(settings))
         self._base_url = _key_url(str(self._client.base_url))
-        self._endpoint = _redact_url(self._base_url + "/chat/completions")
+        self._endpoint = redact_url(self._base_url + "/chat/completions")
 
     def complete(self, request: CompletionRequest) -> Completion:
         try:
@@ -194,10 +194,7 @@ class OpenAIBackend:
         return BackendError(f"{exc.status_code} from {self._endpoint}: {text}")
 
     def _redact(self, text: str) -> str:
-        key = self._client.api_key
-        if key and key != PLACEHOLDER_API_KEY:
-            text = text.replace(key, "***")
-        return text
+        return redact(text, (self._client.api_key,))
 
 
 _NO_LIMITS = RateLimit()
@@ -392,11 +389,3 @@ def _is_quota_error(exc: openai.APIStatusError) -> bool:
 
 def _key_url(base_url: str) -> str:
     return base_url.rstrip("/")
-
-
-def _redact_url(url: str) -> str:
-    """``url`` without any user:password part."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
