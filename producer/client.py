@@ -49,7 +49,7 @@ from .enqueue import (
 from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
 from .modelref import ModelRef
-from .redact import redact, secrets_of
+from .redact import redact, redact_url, secrets_of
 from .settings import Settings, get_settings
 from .waiting import UNREACHABLE
 
@@ -193,7 +193,7 @@ class Client:
                 return True
             return self._push_script(keys=step.keys, args=step.args)
         except RETRYABLE as exc:
-            return _failed(step, self._redacted(exc))
+            return self._failed(step, exc)
 
     async def _perform_async(self, step: EnqueueStep) -> Any:
         if isinstance(step, Pause):
@@ -205,13 +205,13 @@ class Client:
                 async with asyncio.timeout(timeout_s):
                     await enqueuer.store_hit(step, self.settings.result_expires_s)
             except RETRYABLE as exc:
-                return _failed(step, self._redacted(exc))
+                return self._failed(step, exc)
             return True
         if isinstance(step, ReadCache):
             reply = await enqueuer.read_cache(step.key)
         else:
             reply = await enqueuer.push(step.keys, step.args)
-        return _failed(step, self._redacted(reply)) if isinstance(reply, Exception) else reply
+        return self._failed(step, reply) if isinstance(reply, Exception) else reply
 
     @cached_property
     def _try_timeout_s(self) -> float:
@@ -289,6 +289,18 @@ class Client:
                 f"cannot cancel job {job_id}: {self._redacted(exc)}"
             ) from exc
 
+    def _failed(self, step: EnqueueStep, exc: BaseException) -> Any:
+        """A failed try's answer (``_failed``), redacted; a Redis that refuses this client
+        (a wrong password, an ACL) fails the enqueue at once: waiting would not help."""
+        if isinstance(exc, REFUSED):
+            url = self.settings.result_url if isinstance(step, ReadCache | StoreHit) else None
+            where = redact_url(url or self.settings.broker)
+            raise BrokerUnavailableError(
+                f"Redis at {where} refused this client: {self._redacted(exc)}. Check the "
+                "URL's user and password, and the user's ACL (see the README)"
+            ) from None
+        return _failed(step, self._redacted(exc))
+
     def _endpoint(self, url: str) -> Endpoint:
         return endpoint(url, self.settings)
 
@@ -333,6 +345,14 @@ class Client:
 
 def _job_keys(job_id: str) -> tuple[str, ...]:
     return (result_key(job_id), attempts_key(job_id))
+
+
+#: Redis refused this client: a wrong password or user, or an ACL without a command or key.
+REFUSED = (
+    redis.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    redis.exceptions.NoPermissionError,
+)
 
 
 def _failed(step: EnqueueStep, exc: Exception) -> Any:
