@@ -377,6 +377,7 @@ def _run_label(args: argparse.Namespace) -> int:
                 reuse=reuse,
             )
         )
+        return _report(summary, args)
     except KeyboardInterrupt:
         _say(f"interrupted; finished rows are in {args.output}. Run the same command to resume.")
         return EXIT_INTERRUPTED
@@ -384,6 +385,10 @@ def _run_label(args: argparse.Namespace) -> int:
         print(f"sibylq: error: {exc}", file=sys.stderr)
         _say(f"stopped; finished rows are in {args.output}. Run the same command to resume.")
         return EXIT_STOPPED
+
+
+def _report(summary: Any, args: argparse.Namespace) -> int:
+    """The summary line, what to do about failed rows, and the exit status."""
     if not args.quiet:
         _say(f"{summary.line()} -> {args.output}")
     if summary.failed_rows:

@@ -137,10 +137,12 @@ class OutputFile:
     # -- the first write: manifest, then the file -----------------------------------------
 
     def _open(self) -> None:
-        self.manifest.save(self.path)
+        # The old rows go before the new manifest is saved: a crash in between must not
+        # leave a manifest that vouches for another command's rows.
         if self.reuse is Reuse.OVERWRITE:
             self.path.unlink(missing_ok=True)
-        elif self.reuse is Reuse.RETRY_FAILED and self._failed_kept:
+        self.manifest.save(self.path)
+        if self.reuse is Reuse.RETRY_FAILED and self._failed_kept:
             self._drop_failed()
         _cut_torn_tail(self.path)
         new = not self.path.exists() or self.path.stat().st_size == 0
