@@ -265,9 +265,12 @@ def test_the_output_holds_one_row_per_key_made_by_the_last_command(
                 made_by = step.command
 
         last = runs[-1].command
-        final = Reuse.KEEP if made_by in (None, last) else Reuse.OVERWRITE
+        final = Reuse.RETRY_FAILED if made_by in (None, last) else Reuse.OVERWRITE
         _run(client, source, out, Step(last, final, None, False))
         assert_contract(out, dataset, last)
+        rows = read_output(out)
+        _run(client, source, out, Step(last, Reuse.KEEP, None, False))
+        assert read_output(out) == rows, "a plain re-run of a finished output changed it"
 
 
 # -- property 2: the real command, really interrupted (SIGINT, SIGKILL) --------------------------
