@@ -10,7 +10,7 @@ import asyncio
 import enum
 import importlib
 import json
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -52,12 +52,12 @@ def make_task(
     schema dict. Exactly one of them."""
     if (classify is None) == (extract is None):
         raise InvalidRequestError("give exactly one of classify= (labels) or extract= (a type)")
-    if classify is not None:
-        _check_choice(classify)
-        kind, target = JobKind.CLASSIFY, classify_target(classify)
-    else:
-        kind, target = JobKind.EXTRACT, _extract_target(extract)
-    return LabelTask(model, kind, target, PromptTemplate(prompt), inst, genconf)
+    template = PromptTemplate(prompt)
+    if classify is None:
+        return LabelTask(model, JobKind.EXTRACT, _extract_target(extract), template, inst, genconf)
+    target = classify_target(classify)
+    labels = _labels_of(classify)
+    return LabelTask(model, JobKind.CLASSIFY, target, template, inst, genconf, labels)
 
 
 async def label_async(
@@ -152,20 +152,20 @@ def _check_input(input_path: Path, output_path: Path) -> None:
         raise InvalidRequestError(f"-o {output_path} is the input file: name another output")
 
 
-def _check_choice(classify: Any) -> None:
-    """A classification needs two labels at least: with one, every row gets it."""
+def _labels_of(classify: Any) -> tuple[str, ...]:
+    """The labels of a valid ``classify=``; a classification needs two at least (with one,
+    every row gets it)."""
     if isinstance(classify, type) and issubclass(classify, enum.Enum):
-        labels: Sequence[Any] = list(classify)
+        labels = tuple(str(member.value) for member in classify)
     elif get_origin(classify) is Literal:
-        labels = get_args(classify)
-    elif isinstance(classify, Sequence) and not isinstance(classify, str):
-        labels = classify
+        labels = tuple(str(label) for label in get_args(classify))
     else:
-        return  # classify_target says what is wrong with it
+        labels = tuple(classify)
     if len(set(labels)) < 2:
         raise InvalidRequestError(
             f"classify needs two labels or more to choose from, not {list(labels)!r}"
         )
+    return labels
 
 
 def _extract_target(extract: Any) -> Target:

@@ -40,6 +40,7 @@ class Manifest(BaseModel):
     task: str
     template: str
     inst: str | None
+    labels: list[str] | None = None
     # Stored as "schema"; ``schema`` itself would shadow a BaseModel attribute.
     schema_: dict[str, Any] | None = Field(alias="schema")
     schema_sha256: str
@@ -57,6 +58,7 @@ class Manifest(BaseModel):
             task=str(task.kind),
             template=task.template.template,
             inst=task.inst,
+            labels=None if task.labels is None else list(task.labels),
             schema_=schema,
             schema_sha256=schema_digest(schema),
             genconf=task.effective_genconf.model_dump(mode="json"),
@@ -68,8 +70,9 @@ class Manifest(BaseModel):
     def differences(self, before: Manifest) -> list[str]:
         """What differs from ``before``, a phrase each: ``model "a" before, "b" now``."""
         changes: list[str] = []
+        shown = _NOT_SHOWN | ({"schema_"} if before.labels != self.labels else set())
         for field in type(self).model_fields:
-            if field not in _NOT_SHOWN:
+            if field not in shown:
                 changes += _changes(_name(field), getattr(before, field), getattr(self, field))
         if not changes and before.fingerprint != self.fingerprint:
             changes.append(f"fingerprint {before.fingerprint} before, {self.fingerprint} now")

@@ -41,6 +41,8 @@ class LabelTask:
     template: PromptTemplate
     inst: str | None = None
     genconf: GenConf | None = None
+    #: A classification's labels (the schema holds them too), to show in messages.
+    labels: tuple[str, ...] | None = None
 
     @property
     def effective_genconf(self) -> GenConf:

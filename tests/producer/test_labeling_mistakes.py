@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import redis
@@ -70,7 +70,10 @@ def env(worker_env: dict[str, str], fake_worker: Worker) -> dict[str, str]:
     ("change", "named"),
     [
         (["--model", "fake:delay=0", "--classify", "spam,ham", "--prompt", PROMPT], "model"),
-        (["--model", "fake", "--classify", "yes,no", "--prompt", PROMPT], '"yes","no"'),
+        (
+            ["--model", "fake", "--classify", "yes,no", "--prompt", PROMPT],
+            'labels ["spam","ham"] before, ["yes","no"] now',
+        ),
         (["--model", "fake", "--classify", "spam,ham", "--prompt", "Spam? {text}"], "template"),
         ([*SPAM_HAM, "--max-tokens", "64"], "genconf max_tokens 1024 before, 64 now"),
         ([*SPAM_HAM, "--inst", "Answer briefly."], "inst"),
@@ -308,7 +311,7 @@ def test_an_unquoted_prompt_is_explained(tmp_path: Path) -> None:
 
 def test_the_python_api_refuses_one_label(client: Client) -> None:
     model = Models.create("fake", client=client)
-    for one in (["spam"], ["spam", "spam"]):
+    for one in (["spam"], Literal["spam"]):
         with pytest.raises(InvalidRequestError, match="two labels or more"):
             make_task(model, prompt=PROMPT, classify=one)
 
