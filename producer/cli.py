@@ -392,9 +392,10 @@ def _report(summary: Any, args: argparse.Namespace) -> int:
     if not args.quiet:
         _say(f"{summary.line()} -> {args.output}")
     if summary.failed_rows:
+        one = summary.failed_rows == 1
         _say(
-            f"{summary.failed_rows} row{'' if summary.failed_rows == 1 else 's'} failed: "
-            f'see "error" in {args.output}; --retry-failed re-runs them'
+            f'{summary.failed_rows} row{"" if one else "s"} failed: see "error" in '
+            f"{args.output}; --retry-failed re-runs {'it' if one else 'them'}"
         )
         return EXIT_ROWS_FAILED
     return EXIT_OK

@@ -7,6 +7,7 @@ records and yield results as they complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import importlib
 import json
@@ -70,9 +71,11 @@ async def label_async(
 ) -> AsyncGenerator[LabelResult, None]:
     """Label in-memory records; yields each row's result as it completes."""
     rows = rows_from(records, id_field=id_field, needs=task.template.fields)
-    async for result in label_rows(task, rows, max_in_flight=max_in_flight, ordered=ordered):
-        if isinstance(result, LabelResult):
-            yield result
+    results = label_rows(task, rows, max_in_flight=max_in_flight, ordered=ordered)
+    async with contextlib.aclosing(results):
+        async for result in results:
+            if isinstance(result, LabelResult):
+                yield result
 
 
 def label(
@@ -124,20 +127,21 @@ async def label_file(
     needs = task.template.fields
     rows = head_read(read_rows(input_path, id_field=id_field, needs=needs))
     summary = Summary(price=price_for(task.model.ref, task.model.client.settings))
-    retry_failed = reuse is Reuse.RETRY_FAILED
+    results = label_rows(
+        task,
+        rows,
+        previous=previous,
+        retry_failed=reuse is Reuse.RETRY_FAILED,
+        max_in_flight=max_in_flight,
+        ordered=ordered,
+    )
     try:
-        async for result in label_rows(
-            task,
-            rows,
-            previous=previous,
-            retry_failed=retry_failed,
-            max_in_flight=max_in_flight,
-            ordered=ordered,
-        ):
-            if isinstance(result, LabelResult):
-                output.write(result)
-            summary.add(result)
-            progress.update(summary)
+        async with contextlib.aclosing(results):  # stops the waits at once on an error
+            async for result in results:
+                if isinstance(result, LabelResult):
+                    output.write(result)
+                summary.add(result)
+                progress.update(summary)
         output.finish()
     finally:
         output.close()

@@ -70,9 +70,10 @@ class Manifest(BaseModel):
     def differences(self, before: Manifest) -> list[str]:
         """What differs from ``before``, a phrase each: ``model "a" before, "b" now``."""
         changes: list[str] = []
-        shown = _NOT_SHOWN | ({"schema_"} if before.labels != self.labels else set())
+        # A classification's schema differs with its labels: the labels say it better.
+        hidden = _NOT_SHOWN | ({"schema_"} if before.labels != self.labels else set())
         for field in type(self).model_fields:
-            if field not in shown:
+            if field not in hidden:
                 changes += _changes(_name(field), getattr(before, field), getattr(self, field))
         if not changes and before.fingerprint != self.fingerprint:
             changes.append(f"fingerprint {before.fingerprint} before, {self.fingerprint} now")

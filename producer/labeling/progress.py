@@ -118,7 +118,7 @@ class LogProgress:
     def update(self, summary: Summary) -> None:
         if time.monotonic() - self._last >= self._every_s:
             self._last = time.monotonic()
-            print(f"sibylq label: {summary.line()}", file=self._stream, flush=True)
+            print(f"sibylq label: so far {summary.line()}", file=self._stream, flush=True)
 
     def close(self) -> None:
         pass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +97,7 @@ async def label_rows(
     retry_failed: bool = False,
     max_in_flight: int = 256,
     ordered: bool = False,
-) -> AsyncIterator[LabelResult | Skipped]:
+) -> AsyncGenerator[LabelResult | Skipped, None]:
     """Label ``rows``; yields each result as it completes, and ``Skipped`` for each row
     ``previous`` holds (done, or failed unless ``retry_failed``).
 
