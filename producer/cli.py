@@ -379,11 +379,11 @@ def _run_label(args: argparse.Namespace) -> int:
         )
         return _report(summary, args)
     except KeyboardInterrupt:
-        _say(f"interrupted; finished rows are in {args.output}. Run the same command to resume.")
+        _say(f"interrupted; {_resume_hint(args.output)}")
         return EXIT_INTERRUPTED
     except (NoWorkerError, BrokerUnavailableError) as exc:
         print(f"sibylq: error: {exc}", file=sys.stderr)
-        _say(f"stopped; finished rows are in {args.output}. Run the same command to resume.")
+        _say(f"stopped; {_resume_hint(args.output)}")
         return EXIT_STOPPED
 
 
@@ -420,6 +420,10 @@ def _label_task(args: argparse.Namespace) -> Any:
         inst=args.inst,
         genconf=GenConf(max_tokens=args.max_tokens) if args.max_tokens else None,
     )
+
+
+def _resume_hint(output: Path) -> str:
+    return f"finished rows are in {output}. Run the same command again to resume."
 
 
 def _say(message: str) -> None:
@@ -481,15 +485,24 @@ def _unrecognized(argv: list[str], rest: list[str]) -> str:
     spaces, or labels separated by spaces instead of commas."""
     message = f"unrecognized arguments: {' '.join(rest)}"
     first = argv.index(rest[0])
-    option, value = argv[first - 2 : first] if first >= 2 else ("", "")
-    if not option.startswith("-") or rest[0].startswith("-"):
+    option, value = _option_before(argv[:first])
+    if not option or rest[0].startswith("-"):
         return message
     values = [value, *(word for word in rest if not word.startswith("-"))]
     if option == "--classify":
-        return (
-            f"{message}. --classify takes the labels comma-separated: --classify {','.join(values)}"
-        )
+        labels = ",".join(values)
+        return f"{message}. --classify takes the labels comma-separated: --classify {labels}"
     return f"{message}. Quote a value with spaces: {option} '{' '.join(values)}'"
+
+
+def _option_before(argv: list[str]) -> tuple[str, str]:
+    """The option and value that end ``argv`` (``--opt value`` or ``--opt=value``), if any."""
+    if argv and argv[-1].startswith("--") and "=" in argv[-1]:
+        option, _, value = argv[-1].partition("=")
+        return option, value
+    if len(argv) >= 2 and argv[-2].startswith("-") and not argv[-1].startswith("-"):
+        return argv[-2], argv[-1]
+    return "", ""
 
 
 if __name__ == "__main__":
