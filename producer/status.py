@@ -304,7 +304,12 @@ def job_created_at(raw: bytes | str | None) -> datetime | None:
 
 def add_status_parser(commands: Any) -> None:
     status = commands.add_parser(
-        "status", help="queues, workers and recent failures of the fleet at SIBYLQ_BROKER_URL"
+        "status",
+        help="queues, workers and recent failures of the fleet at SIBYLQ_BROKER_URL",
+        description="Show the fleet at SIBYLQ_BROKER_URL: every sibylq queue (waiting jobs, "
+        "age of the oldest, workers, busy slots, recent failures) and every live worker.",
+        epilog="examples:\n  SIBYLQ_BROKER_URL=redis://localhost:6379/0 sibylq status\n"
+        "  sibylq status --json --window 15",
     )
     status.add_argument("--json", action="store_true", help="print JSON, for machines")
     status.add_argument(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 import redis
 
 from producer import Client, Job
+from producer.cli import build_parser, main
 from producer.deadletters import DeadLetter, list_dead, record
 from producer.redis_server import RedisServer
 from tests.conftest import Worker
@@ -21,6 +25,62 @@ def _sibylq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True, timeout=60
     )
+
+
+# -- help and version ------------------------------------------------------------------------
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(commands.choices)
+
+
+def _help(capsys: pytest.CaptureFixture[str], *command: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_top_level_help_says_what_sibylq_is_with_examples(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = _help(capsys)
+    assert "The ``sibylq`` command." not in text
+    assert "Typed LLM jobs at scale" in text
+    assert "examples:\n  sibylq label examples/sms_spam_sample.jsonl" in text
+    for command in _commands():
+        assert f"    {command}" in text
+
+
+def test_version_is_the_installed_one() -> None:
+    result = _sibylq("--version")
+    assert (result.returncode, result.stdout) == (0, f"sibylq {version('sibylq')}\n")
+
+
+@pytest.mark.parametrize("command", sorted(set(_commands()) - {"redis-server"}))
+def test_every_command_helps_on_its_own(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A description, an example, help for every argument, and the defaults that exist."""
+    parser = _commands()[command]
+    assert parser.description and len(parser.description) > 40
+    assert parser.epilog and "example" in parser.epilog and f"sibylq {command}" in parser.epilog
+    for action in parser._actions:
+        assert action.help, f"sibylq {command} {action.dest} has no help"
+    options = _help(capsys, command).split("\noptions:\n")[1].split("\n\n")[0]
+    entries = re.split(r"\n(?=  -)", options)
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            (entry,) = (entry for entry in entries if action.option_strings[-1] in entry)
+            assert "default" in entry, f"sibylq {command} {action.dest}: default not shown"
+
+
+def test_label_help_lists_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(capsys, "label")
+    statuses = text.split("exit status:\n")[1].split("\n")
+    assert [line.split()[0] for line in statuses if line[:3].strip().isdigit()] == [
+        "0", "1", "2", "3", "130",
+    ]  # fmt: skip
 
 
 def test_queue_prints_where_a_models_jobs_go() -> None:

@@ -7,27 +7,31 @@ records and yield results as they complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import importlib
 import json
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from ..contract import GenConf, JobKind
 from ..errors import InvalidRequestError
 from ..models import Model
 from ..pricing import price_for
 from ..targets import Target, classify_target, json_target, target_for
-from .output import OutputFile, Previous
+from .manifest import Manifest
+from .output import OutputFile, OutputFormat, Reuse
 from .progress import Progress, Summary
 from .prompt import PromptTemplate
 from .results import LabelResult
-from .rows import read_rows, rows_from
+from .rows import head_read, read_rows, rows_from
 from .runner import LabelTask, label_rows
 
 __all__ = [
     "LabelResult",
     "LabelTask",
+    "Reuse",
     "Summary",
     "label",
     "label_async",
@@ -49,11 +53,12 @@ def make_task(
     schema dict. Exactly one of them."""
     if (classify is None) == (extract is None):
         raise InvalidRequestError("give exactly one of classify= (labels) or extract= (a type)")
-    if classify is not None:
-        kind, target = JobKind.CLASSIFY, classify_target(classify)
-    else:
-        kind, target = JobKind.EXTRACT, _extract_target(extract)
-    return LabelTask(model, kind, target, PromptTemplate(prompt), inst, genconf)
+    template = PromptTemplate(prompt)
+    if classify is None:
+        return LabelTask(model, JobKind.EXTRACT, _extract_target(extract), template, inst, genconf)
+    target = classify_target(classify)
+    labels = _labels_of(classify)
+    return LabelTask(model, JobKind.CLASSIFY, target, template, inst, genconf, labels)
 
 
 async def label_async(
@@ -65,10 +70,12 @@ async def label_async(
     ordered: bool = False,
 ) -> AsyncGenerator[LabelResult, None]:
     """Label in-memory records; yields each row's result as it completes."""
-    rows = rows_from(records, id_field=id_field)
-    async for result in label_rows(task, rows, max_in_flight=max_in_flight, ordered=ordered):
-        if result is not None:
-            yield result
+    rows = rows_from(records, id_field=id_field, needs=task.template.fields)
+    results = label_rows(task, rows, max_in_flight=max_in_flight, ordered=ordered)
+    async with contextlib.aclosing(results):
+        async for result in results:
+            if isinstance(result, LabelResult):
+                yield result
 
 
 def label(
@@ -105,30 +112,64 @@ async def label_file(
     id_field: str | None = None,
     max_in_flight: int = 256,
     ordered: bool = False,
-    retry_failed: bool = False,
+    reuse: Reuse = Reuse.KEEP,
 ) -> Summary:
-    """Label every row of ``input_path`` not yet in ``output_path``; resumable."""
-    output = OutputFile(output_path)
-    if retry_failed:
-        previous = output.scan()
-        output.drop_failed()
-    else:
-        scanned = output.scan()
-        previous = Previous(done=scanned.done | set(scanned.failed))
+    """Label every row of ``input_path`` that ``output_path`` does not hold yet; resumable.
+
+    Everything that can be checked before work starts is (InvalidRequestError): the input,
+    the output's directory, that the output's rows were made by this same command
+    (``OUT.manifest.json``), and the first row's fields against the template and
+    ``id_field``. Nothing is written before the first row's result."""
+    _check_input(input_path, output_path)
+    output_format = OutputFormat.for_path(output_path)
+    output = OutputFile(output_path, Manifest.for_run(task, output_format, id_field), reuse)
+    previous = output.previous()
+    needs = task.template.fields
+    rows = head_read(read_rows(input_path, id_field=id_field, needs=needs))
     summary = Summary(price=price_for(task.model.ref, task.model.client.settings))
-    rows = read_rows(input_path, id_field=id_field)
-    with output:
-        try:
-            async for result in label_rows(
-                task, rows, previous=previous, max_in_flight=max_in_flight, ordered=ordered
-            ):
-                if result is not None:
+    results = label_rows(
+        task,
+        rows,
+        previous=previous,
+        retry_failed=reuse is Reuse.RETRY_FAILED,
+        max_in_flight=max_in_flight,
+        ordered=ordered,
+    )
+    try:
+        async with contextlib.aclosing(results):  # stops the waits at once on an error
+            async for result in results:
+                if isinstance(result, LabelResult):
                     output.write(result)
                 summary.add(result)
                 progress.update(summary)
-        finally:
-            progress.close()
+        output.finish()
+    finally:
+        output.close()
+        progress.close()
     return summary
+
+
+def _check_input(input_path: Path, output_path: Path) -> None:
+    if not input_path.is_file():
+        raise InvalidRequestError(f"no input file {input_path}")
+    if output_path.exists() and output_path.samefile(input_path):
+        raise InvalidRequestError(f"-o {output_path} is the input file: name another output")
+
+
+def _labels_of(classify: Any) -> tuple[str, ...]:
+    """The labels of a valid ``classify=``; a classification needs two at least (with one,
+    every row gets it)."""
+    if isinstance(classify, type) and issubclass(classify, enum.Enum):
+        labels = tuple(str(member.value) for member in classify)
+    elif get_origin(classify) is Literal:
+        labels = tuple(str(label) for label in get_args(classify))
+    else:
+        labels = tuple(classify)
+    if len(set(labels)) < 2:
+        raise InvalidRequestError(
+            f"classify needs two labels or more to choose from, not {list(labels)!r}"
+        )
+    return labels
 
 
 def _extract_target(extract: Any) -> Target:
@@ -160,5 +201,12 @@ def load_labels(spec: str) -> list[str]:
     """``--classify``: ``spam,ham`` or a file with one label per line."""
     path = Path(spec)
     if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return [label.strip() for label in spec.split(",")]
+        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        labels = [label.strip() for label in spec.split(",")]
+    if len(set(labels)) < 2:
+        raise InvalidRequestError(
+            f"--classify needs two labels or more, comma-separated (--classify spam,ham) or "
+            f"one a line in a file, not {spec!r}"
+        )
+    return labels

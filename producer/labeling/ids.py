@@ -15,6 +15,7 @@ from ..contract import GenConf
 
 def run_fingerprint(
     model: str,
+    kind: str,
     template: str,
     json_schema: dict[str, Any] | None,
     genconf: GenConf,
@@ -23,6 +24,7 @@ def run_fingerprint(
     """A short hash of everything that shapes a row's answer except the row itself."""
     payload = {
         "model": model,
+        "kind": kind,
         "template": template,
         "schema": json_schema,
         "genconf": genconf.model_dump(mode="json"),
@@ -41,6 +43,11 @@ def row_job_id(fingerprint: str, key: Any, attempt: int = 1) -> str:
 def key_text(key: Any) -> str:
     """Keys compare as text: a CSV round trip turns the id 7 into "7"."""
     return key if isinstance(key, str) else json.dumps(key)
+
+
+def schema_digest(json_schema: dict[str, Any] | None) -> str:
+    """A JSON schema's SHA-256, independent of key order."""
+    return _digest(json.dumps(json_schema, sort_keys=True))
 
 
 def _digest(text: str) -> str:

@@ -12,23 +12,27 @@ from tqdm import tqdm
 from ..contract import Usage
 from ..pricing import cost_usd
 from ..settings import Price
-from .results import LabelResult
+from .results import LabelResult, Skipped
 
 
 @dataclass
 class Summary:
     done: int = 0
     failed: int = 0
+    #: Rows the output held already, done or failed.
     skipped: int = 0
+    #: Of those, the failed ones (``--retry-failed`` re-runs them).
+    skipped_failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     #: The model's price (``SIBYLQ_PRICES``), to report the run's cost.
     price: Price | None = None
 
-    def add(self, result: LabelResult | None) -> None:
-        if result is None:
+    def add(self, result: LabelResult | Skipped) -> None:
+        if isinstance(result, Skipped):
             self.skipped += 1
+            self.skipped_failed += result.failed
             return
         if result.ok:
             self.done += 1
@@ -36,6 +40,11 @@ class Summary:
             self.failed += 1
         self.prompt_tokens += result.usage.prompt_tokens
         self.completion_tokens += result.usage.completion_tokens
+
+    @property
+    def failed_rows(self) -> int:
+        """Rows the output holds as failed at the end of the run."""
+        return self.failed + self.skipped_failed
 
     @property
     def elapsed_s(self) -> float:
@@ -60,8 +69,9 @@ class Summary:
 
     def line(self) -> str:
         cost = "" if self.cost_usd is None else f", cost ${self.cost_usd:.4f}"
+        failed_before = f" ({self.skipped_failed} failed)" if self.skipped_failed else ""
         return (
-            f"done {self.done}, failed {self.failed}, skipped {self.skipped} in "
+            f"done {self.done}, failed {self.failed}, skipped {self.skipped}{failed_before} in "
             f"{self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s), tokens {self.tokens} "
             f"({self.prompt_tokens} prompt + {self.completion_tokens} completion){cost}"
         )
@@ -108,7 +118,7 @@ class LogProgress:
     def update(self, summary: Summary) -> None:
         if time.monotonic() - self._last >= self._every_s:
             self._last = time.monotonic()
-            print(f"sibylq label: {summary.line()}", file=self._stream, flush=True)
+            print(f"sibylq label: so far {summary.line()}", file=self._stream, flush=True)
 
     def close(self) -> None:
         pass

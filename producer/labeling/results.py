@@ -1,4 +1,4 @@
-"""One labelled row, as written to the output file."""
+"""One labelled row, as written to the output file, and a row a re-run skips."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ class LabelResult:
     status: str  # "done" or "failed"
     result: Any = None
     error: dict[str, Any] | None = None
-    attempts: int = 1
+    #: Model calls made for the row's job (validation re-asks and retried requests included);
+    #: 0 when no job ran (a malformed row).
+    attempts: int = 0
+    #: How many ``--retry-failed`` runs re-ran this row (0 on its first run).
+    retries: int = 0
     usage: Usage = field(default_factory=Usage)
+    #: Seconds from enqueueing the row's job to its outcome.
     latency_s: float = 0.0
     job_id: str | None = None
 
@@ -32,8 +37,27 @@ class LabelResult:
             "result": self.result,
             "error": self.error,
             "attempts": self.attempts,
+            "retries": self.retries,
             "prompt_tokens": self.usage.prompt_tokens,
             "completion_tokens": self.usage.completion_tokens,
             "latency_s": round(self.latency_s, 4),
             "job_id": self.job_id,
         }
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A row the output already holds, so this run leaves it alone. ``failed``: it holds the
+    row as failed (``--retry-failed`` would re-run it)."""
+
+    key: Any
+    failed: bool = False
+
+
+@dataclass
+class Previous:
+    """What the output already holds: done keys, and failed keys with their retries so far
+    (keys as ``key_text`` gives them)."""
+
+    done: set[str] = field(default_factory=set)
+    failed: dict[str, int] = field(default_factory=dict)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,21 +35,39 @@ class BadRow:
     error: str
 
 
-def read_rows(path: Path, *, id_field: str | None = None) -> Iterator[Row | BadRow]:
-    """Rows of a ``.jsonl`` / ``.ndjson`` or ``.csv`` file, in order."""
+def read_rows(
+    path: Path, *, id_field: str | None = None, needs: Collection[str] = ()
+) -> Iterator[Row | BadRow]:
+    """Rows of a ``.jsonl`` / ``.ndjson`` or ``.csv`` file, in order. The first readable row
+    must have the fields in ``needs`` (and ``id_field``): else InvalidRequestError."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return _keyed(_jsonl_fields(path), id_field)
+        return _keyed(_jsonl_fields(path), id_field, needs)
     if suffix == ".csv":
-        return _keyed(_csv_fields(path), id_field)
+        return _keyed(_csv_fields(path), id_field, needs)
     raise InvalidRequestError(f"cannot read {path}: use a .jsonl or .csv file")
 
 
 def rows_from(
-    records: Iterable[Mapping[str, Any]], *, id_field: str | None = None
+    records: Iterable[Mapping[str, Any]],
+    *,
+    id_field: str | None = None,
+    needs: Collection[str] = (),
 ) -> Iterator[Row | BadRow]:
     """Rows from in-memory records (dicts), numbered from 1."""
-    return _keyed(((n, record, None) for n, record in enumerate(records, 1)), id_field)
+    numbered = ((n, record, None) for n, record in enumerate(records, 1))
+    return _keyed(numbered, id_field, needs)
+
+
+def head_read(rows: Iterator[Row | BadRow], limit: int = 1000) -> Iterator[Row | BadRow]:
+    """``rows``, with its head read now, up to the first readable row (at most ``limit``):
+    the check of the first row's fields raises here, before any work starts."""
+    head: list[Row | BadRow] = []
+    for row in rows:
+        head.append(row)
+        if isinstance(row, Row) or len(head) >= limit:
+            break
+    return itertools.chain(head, rows)
 
 
 FieldsOrError = tuple[int, Mapping[str, Any] | None, str | None]
@@ -96,12 +115,18 @@ def _csv_fields(path: Path) -> Iterator[FieldsOrError]:
             yield reader.line_num, record, None
 
 
-def _keyed(items: Iterable[FieldsOrError], id_field: str | None) -> Iterator[Row | BadRow]:
+def _keyed(
+    items: Iterable[FieldsOrError], id_field: str | None, needs: Collection[str]
+) -> Iterator[Row | BadRow]:
     """Attach keys. ``id_field=None`` means ``id`` when rows have one, else the line number."""
+    checked = False
     for line, fields, error in items:
         if fields is None:
             yield BadRow(key=line, line=line, error=error or "unreadable row")
             continue
+        if not checked:
+            _check_fields(fields, line, id_field, needs)
+            checked = True
         field = id_field if id_field is not None else ("id" if "id" in fields else None)
         if field is None:
             yield Row(key=line, fields=fields, line=line)
@@ -109,3 +134,26 @@ def _keyed(items: Iterable[FieldsOrError], id_field: str | None) -> Iterator[Row
             yield BadRow(key=line, line=line, error=f"line {line} has no {field!r} field")
         else:
             yield Row(key=fields[field], fields=fields, line=line)
+
+
+def _check_fields(
+    fields: Mapping[str, Any], line: int, id_field: str | None, needs: Collection[str]
+) -> None:
+    """The first readable row stands for the others: a field it lacks is a mistake in the
+    command (or the input), not a failure of one row."""
+    has = f"line {line} has: {_names(fields)}"
+    if id_field is not None and id_field not in fields:
+        raise InvalidRequestError(f"the rows have no id field {id_field!r} ({has})")
+    missing = [name for name in sorted(needs) if name not in fields]
+    if missing:
+        wanted = ", ".join("{" + name + "}" for name in missing)
+        raise InvalidRequestError(
+            f"the prompt template uses {wanted}, but the rows have no such field ({has}). "
+            "Fix the template or the input"
+        )
+
+
+def _names(fields: Mapping[str, Any], shown: int = 20) -> str:
+    names = [str(name) for name in fields]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) or "no fields") + more

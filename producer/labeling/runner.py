@@ -3,30 +3,31 @@
 Redis never holds more than ``max_in_flight`` of a run's jobs, whatever the input size. With
 ``ordered`` results leave in input order through a reorder buffer that counts against the
 same bound.
+
+Every row's outcome comes out: a result, failed rows included. Only what stops the whole run
+(no worker serves the queue, Redis is unreachable, a key repeated in the input) is raised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import to_jsonable_python
 from redis.exceptions import RedisError
 
-from ..contract import GenConf, JobKind, Usage
-from ..errors import InvalidRequestError, JobFailedError
+from ..contract import Envelope, GenConf, JobKind, Usage
+from ..errors import InvalidRequestError, JobCancelledError, JobFailedError, JobTimeoutError
 from ..job import Job
-from ..models import Model
+from ..models import Model, merge_genconf
 from ..targets import Target
 from .ids import key_text, row_job_id, run_fingerprint
-from .output import Previous
 from .prompt import PromptTemplate
-from .results import LabelResult
+from .results import LabelResult, Previous, Skipped
 from .rows import BadRow, Row
 
 
@@ -40,12 +41,23 @@ class LabelTask:
     template: PromptTemplate
     inst: str | None = None
     genconf: GenConf | None = None
+    #: A classification's labels (the schema holds them too), to show in messages.
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def effective_genconf(self) -> GenConf:
+        """The generation settings every row's job runs with: the model's, then the task's."""
+        return merge_genconf(self.model.genconf, self.genconf)
 
     @property
     def fingerprint(self) -> str:
-        genconf = self.genconf or self.model.genconf
         return run_fingerprint(
-            str(self.model.ref), self.template.template, self.target.json_schema, genconf, self.inst
+            str(self.model.ref),
+            str(self.kind),
+            self.template.template,
+            self.target.json_schema,
+            self.effective_genconf,
+            self.inst,
         )
 
 
@@ -53,8 +65,28 @@ class LabelTask:
 class _Pending:
     row: Row
     job: Job[Any]
-    attempt: int
+    retries: int
     started: float
+
+    def failed(self, exc: Exception, envelope: Envelope | None) -> LabelResult:
+        """The row's result for a job that failed (or whose output did not parse)."""
+        if isinstance(exc, JobFailedError):
+            kind, raw_text = exc.remote_type, exc.raw_text
+            usage = envelope.usage if envelope is not None else exc.usage or Usage()
+            attempts = envelope.attempts if envelope is not None else exc.attempts
+        else:
+            kind, raw_text, usage, attempts = type(exc).__name__, None, Usage(), 0
+        return LabelResult(
+            key=self.row.key,
+            line=self.row.line,
+            status="failed",
+            error={"type": kind, "message": str(exc), "raw_text": raw_text},
+            attempts=attempts,
+            retries=self.retries,
+            usage=usage,
+            latency_s=time.monotonic() - self.started,
+            job_id=self.job.id,
+        )
 
 
 async def label_rows(
@@ -62,26 +94,34 @@ async def label_rows(
     rows: Iterable[Row | BadRow],
     *,
     previous: Previous | None = None,
+    retry_failed: bool = False,
     max_in_flight: int = 256,
     ordered: bool = False,
-) -> AsyncIterator[LabelResult | None]:
-    """Label ``rows``; yields each result as it completes, and None for each row skipped
-    because ``previous`` already holds it."""
+) -> AsyncGenerator[LabelResult | Skipped, None]:
+    """Label ``rows``; yields each result as it completes, and ``Skipped`` for each row
+    ``previous`` holds (done, or failed unless ``retry_failed``).
+
+    Raises InvalidRequestError when a key comes twice (a key names one row), and what stops
+    a wait for every row alike: NoWorkerError, BrokerUnavailableError."""
     previous = previous or Previous()
     fingerprint = task.fingerprint
     window = _Window(ordered)
     written = _Forgetter(task.model)
+    seen: dict[str, int] = {}
     try:
         for sequence, row in enumerate(rows):
-            if key_text(row.key) in previous.done:
-                yield None
+            key = key_text(row.key)
+            _check_unique(seen, key, row)
+            retried = previous.failed.get(key)
+            if key in previous.done or (retried is not None and not retry_failed):
+                yield Skipped(row.key, failed=key not in previous.done)
                 continue
             while window.size >= max_in_flight:
                 for result in await window.next_results():
                     yield result
                     written.add(result)
-            attempt = previous.failed.get(key_text(row.key), 0) + 1
-            window.add(sequence, _start(task, row, fingerprint, attempt))
+            retries = 0 if retried is None else retried + 1
+            window.add(sequence, _start(task, row, fingerprint, retries))
         while window.size:
             for result in await window.next_results():
                 yield result
@@ -112,12 +152,23 @@ class _Forgetter:
             self._model.client.forget(job_ids)
 
 
+def _check_unique(seen: dict[str, int], key: str, row: Row | BadRow) -> None:
+    """A key names one row: a repeated one would get the first row's answer (same job id)."""
+    first = seen.setdefault(key, row.line)
+    if first != row.line:
+        raise InvalidRequestError(
+            f"line {row.line} has the same key {row.key!r} as line {first}: keys must be "
+            "unique (a row with no id, or that cannot be read, is keyed by its line number). "
+            "Fix the input, or choose the key with --id-field"
+        )
+
+
 def _start(
-    task: LabelTask, row: Row | BadRow, fingerprint: str, attempt: int
+    task: LabelTask, row: Row | BadRow, fingerprint: str, retries: int
 ) -> asyncio.Future[LabelResult]:
     """Submit the row's job (once per job id) and return a future of its result."""
     if isinstance(row, BadRow):
-        return _done(_failed(row.key, row.line, "InvalidRow", row.error, attempt))
+        return _done(_invalid(row.key, row.line, row.error, retries))
     try:
         query = task.template.render(row.fields)
         job = task.model.submit(
@@ -126,49 +177,43 @@ def _start(
             query,
             inst=task.inst,
             genconf=task.genconf,
-            job_id=row_job_id(fingerprint, row.key, attempt),
+            job_id=row_job_id(fingerprint, row.key, retries + 1),
             once=True,
             lane="bulk",
         )
     except InvalidRequestError as exc:
-        return _done(_failed(row.key, row.line, "InvalidRow", f"line {row.line}: {exc}", attempt))
-    return asyncio.ensure_future(_collect(_Pending(row, job, attempt, time.monotonic())))
+        return _done(_invalid(row.key, row.line, f"line {row.line}: {exc}", retries))
+    return asyncio.ensure_future(_collect(_Pending(row, job, retries, time.monotonic())))
 
 
 async def _collect(pending: _Pending) -> LabelResult:
-    row, job = pending.row, pending.job
+    """The row's result. A failed, cancelled or timed-out job is a failed row; what stops
+    every row alike (no worker, no Redis) propagates and stops the run."""
+    job = pending.job
+    envelope: Envelope | None = None
     try:
         envelope = await job.envelope_async()
         value = job.value_of(envelope)
-    except JobFailedError as exc:
-        failed = _failed(
-            row.key, row.line, exc.remote_type, str(exc), pending.attempt, job.id, exc.raw_text
-        )
-        return dataclasses.replace(failed, usage=exc.usage or Usage())
+    except (JobFailedError, JobCancelledError, JobTimeoutError) as exc:
+        return pending.failed(exc, envelope)
     return LabelResult(
-        key=row.key,
-        line=row.line,
+        key=pending.row.key,
+        line=pending.row.line,
         status="done",
         result=to_jsonable_python(value),
-        attempts=pending.attempt,
+        attempts=envelope.attempts,
+        retries=pending.retries,
         usage=envelope.usage,
         latency_s=time.monotonic() - pending.started,
         job_id=job.id,
     )
 
 
-def _failed(
-    key: Any,
-    line: int,
-    kind: str,
-    message: str,
-    attempt: int,
-    job_id: str | None = None,
-    raw_text: str | None = None,
-) -> LabelResult:
-    error = {"type": kind, "message": message, "raw_text": raw_text}
+def _invalid(key: Any, line: int, message: str, retries: int) -> LabelResult:
+    """A row that could not become a job: nothing ran."""
+    error = {"type": "InvalidRow", "message": message, "raw_text": None}
     return LabelResult(
-        key=key, line=line, status="failed", error=error, attempts=attempt, job_id=job_id
+        key=key, line=line, status="failed", error=error, attempts=0, retries=retries
     )
 
 
@@ -186,7 +231,7 @@ class _Window:
 
     def __init__(self, ordered: bool) -> None:
         self.ordered = ordered
-        self.arrivals: asyncio.Queue[tuple[int, LabelResult]] = asyncio.Queue()
+        self.arrivals: asyncio.Queue[tuple[int, asyncio.Future[LabelResult]]] = asyncio.Queue()
         self.running: dict[int, asyncio.Future[LabelResult]] = {}
         self.finished: dict[int, LabelResult] = {}
 
@@ -199,14 +244,16 @@ class _Window:
         future.add_done_callback(lambda done: self._arrived(sequence, done))
 
     def _arrived(self, sequence: int, future: asyncio.Future[LabelResult]) -> None:
-        if not future.cancelled():
-            self.arrivals.put_nowait((sequence, future.result()))
+        if not future.cancelled():  # cancelled: by cancel(), when the run stops
+            self.arrivals.put_nowait((sequence, future))
 
     async def next_results(self) -> list[LabelResult]:
-        """Wait for at least one job, then the results that may leave now."""
-        arrived = [await self.arrivals.get()]
+        """Wait for at least one job, then the results that may leave now. A job whose wait
+        raised raises here: the run stops (the other waits are cancelled by ``cancel``)."""
+        futures = [await self.arrivals.get()]
         while not self.arrivals.empty():
-            arrived.append(self.arrivals.get_nowait())
+            futures.append(self.arrivals.get_nowait())
+        arrived = [(sequence, future.result()) for sequence, future in futures]
         for sequence, _ in arrived:
             del self.running[sequence]
         if not self.ordered:
@@ -225,4 +272,6 @@ class _Window:
 
     def cancel(self) -> None:
         for future in self.running.values():
+            if future.done() and not future.cancelled():
+                future.exception()  # seen: no "exception was never retrieved" at exit
             future.cancel()

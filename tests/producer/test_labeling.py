@@ -107,7 +107,8 @@ class TestCommand:
         out = tmp_path / "out.jsonl"
         result = _label(env, str(source), "--model", "fake", "--classify", "spam,ham",
                         "--prompt", PROMPT, "-o", str(out), "--ordered")  # fmt: skip
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 1, result.stderr  # the run ends with failed rows
+        assert "3 rows failed" in result.stderr and "--retry-failed" in result.stderr
         records = _records(out)
         assert [r["line"] for r in records] == [1, 2, 3, 4, 5]
         assert [r["status"] for r in records] == ["done", "failed", "failed", "failed", "done"]
@@ -123,17 +124,22 @@ class TestCommand:
         source = _write_jsonl(tmp_path / "in.jsonl", rows)
         out = tmp_path / "out.jsonl"
         args = ["--model", "fake", "--classify", "spam,ham", "--prompt", PROMPT, "-o", str(out)]
-        assert _label(env, str(source), *args).returncode == 0
+        assert _label(env, str(source), *args).returncode == 1
         assert Counter(r["status"] for r in _records(out)) == {"done": 3, "failed": 1}
+        again = _label(env, str(source), *args)  # without --retry-failed: still failed
+        assert again.returncode == 1
+        assert "skipped 4 (1 failed)" in again.stderr
 
         rows[2]["text"] = "fixed"
         _write_jsonl(source, rows)
         result = _label(env, str(source), *args, "--retry-failed")
+        assert result.returncode == 0, result.stderr
         assert "done 1, failed 0, skipped 3" in result.stderr
         records = {r["key"]: r for r in _records(out)}
         assert len(_records(out)) == 4
         assert records[3]["status"] == "done"
-        assert records[3]["attempts"] == 2
+        assert (records[3]["retries"], records[3]["attempts"]) == (1, 1)
+        assert records[3]["job_id"].endswith("-2")
 
     def test_csv_in_and_out(self, env: dict[str, str], tmp_path: Path) -> None:
         source = tmp_path / "in.csv"
