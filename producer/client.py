@@ -21,20 +21,19 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from . import cache
-from .constants import TASK_NAME, attempts_key, claim_key, result_key, workers_key
-from .contract import Envelope, JobSpec
-from .errors import BrokerUnavailableError, ConfigurationError
+from wire import cache
+from wire.constants import TASK_NAME, attempts_key, claim_key, result_key
+from wire.contract import Envelope, JobSpec
+from wire.errors import BrokerUnavailableError, ConfigurationError
+from wire.liveness import count_live
+from wire.modelref import ModelRef
+from wire.settings import Settings, get_settings
+
 from .listener import ResultListener
-from .modelref import ModelRef
-from .settings import Settings, get_settings
 from .waiting import UNREACHABLE
 
 if TYPE_CHECKING:
-    from .embedded import EmbeddedCluster
-
-#: A heartbeat older than this (in heartbeat intervals) means the worker is gone.
-HEARTBEAT_GRACE = 5
+    from embedded.cluster import EmbeddedCluster
 
 
 class Client:
@@ -54,7 +53,7 @@ class Client:
         cluster (a private Redis, and workers on demand) on first use."""
         if self._configured.broker_url is not None:
             return self._configured
-        from .embedded import default_cluster
+        from embedded.cluster import default_cluster
 
         self._cluster = default_cluster()
         update = {"broker_url": self._cluster.url, "result_backend": None}
@@ -105,7 +104,7 @@ class Client:
         self, spec: JobSpec, queue: str, job_id: str | None = None, *, priority: int = 0
     ) -> str:
         """Enqueue ``spec`` on ``queue`` (``priority`` 0 is served first; see
-        ``LANE_PRIORITIES``); returns the job id. An answer in the cache (``producer.cache``)
+        ``LANE_PRIORITIES``); returns the job id. An answer in the cache (``wire.cache``)
         is stored as the job's result at once, and nothing is enqueued."""
         job_id = job_id or str(uuid.uuid4())
         hit = cache.lookup(self.redis, spec) if self.settings.cache else None
@@ -179,8 +178,7 @@ class Client:
 
     def workers_alive(self, queue: str) -> Any:
         try:
-            since = time.time() - HEARTBEAT_GRACE * self.settings.heartbeat_interval_s
-            return self.redis.zcount(workers_key(queue), since, "+inf") > 0
+            return count_live(self.redis, queue, self.settings.heartbeat_interval_s) > 0
         except redis.RedisError:
             return UNREACHABLE
 
@@ -202,7 +200,7 @@ class Client:
         if listener is None:
             listener = ResultListener(
                 self.settings.result_url,
-                heartbeat_grace_s=HEARTBEAT_GRACE * self.settings.heartbeat_interval_s,
+                heartbeat_interval_s=self.settings.heartbeat_interval_s,
             )
             self._listeners[loop] = listener
         return listener

@@ -11,11 +11,12 @@ from collections.abc import Generator
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
+from wire.contract import Envelope
+from wire.errors import JobFailedError
+from wire.modelref import parse_model_ref
+from wire.outcome import envelope_from_meta
+
 from .client import Client, Subscription
-from .contract import Envelope
-from .errors import JobFailedError
-from .modelref import parse_model_ref
-from .outcome import envelope_from_meta
 from .targets import Target, target_for
 from .waiting import UNREACHABLE, CheckWorkers, Wait, WaitFlow, WaitPlan, wait_flow
 

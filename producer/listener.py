@@ -20,7 +20,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .constants import job_id_from_result_key, result_key, workers_key
+from wire.constants import job_id_from_result_key, result_key
+from wire.liveness import count_live
+
 from .waiting import UNREACHABLE, ready_meta
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,9 @@ _RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 class ResultListener:
     """Resolves ``watch(job_id)`` futures with the job's stored result (raw JSON bytes)."""
 
-    def __init__(self, url: str, *, heartbeat_grace_s: float, presence_ttl_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, *, heartbeat_interval_s: float, presence_ttl_s: float = 1.0
+    ) -> None:
         # No retries or reconnects inside redis-py (supported_errors=()): one made on its own
         # would resubscribe but skip re-reading the keys stored meanwhile, and a reconnect
         # from a subscribe call would read the handshake while the reader task reads. Errors
@@ -54,7 +58,7 @@ class ResultListener:
         self._presence: dict[str, tuple[float, bool]] = {}
         self._presence_asks: dict[str, asyncio.Future[Any]] = {}
         self._presence_ttl_s = presence_ttl_s
-        self._heartbeat_grace_s = heartbeat_grace_s
+        self._heartbeat_interval_s = heartbeat_interval_s
         self.broken = False  # the last session ended in an error, and none has started since
 
     # -- what handles call -------------------------------------------------------------
@@ -82,9 +86,8 @@ class ResultListener:
         return await asyncio.shield(asking)
 
     async def _ask_presence(self, queue: str) -> Any:
-        since = time.time() - self._heartbeat_grace_s
         try:
-            alive = await self._redis.zcount(workers_key(queue), since, "+inf") > 0
+            alive = await count_live(self._redis, queue, self._heartbeat_interval_s) > 0
         except RedisError:
             return UNREACHABLE
         self._presence[queue] = (time.monotonic(), alive)

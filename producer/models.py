@@ -13,14 +13,15 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from wire.constants import LANE_PRIORITIES
+from wire.contract import GenConf, JobKind, JobSpec
+from wire.errors import ConfigurationError, InvalidRequestError, UnsupportedTargetError
+from wire.modelref import ModelRef, parse_model_ref
+from wire.settings import Settings
+
 from .client import Client
-from .constants import LANE_PRIORITIES
-from .contract import GenConf, JobKind, JobSpec
-from .errors import ConfigurationError, InvalidRequestError, UnsupportedTargetError
 from .job import Job
 from .messages import Query, build_messages
-from .modelref import ModelRef, parse_model_ref
-from .settings import Settings
 from .targets import TEXT, Target, classify_target, json_target, target_for
 
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, Vali
 from pydantic.errors import PydanticInvalidForJsonSchema, PydanticUserError
 from typing_extensions import is_typeddict
 
-from .errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
+from wire.errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
 
 WRAP_KEY = "output"
 

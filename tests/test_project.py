@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.settings import Settings
+from wire.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def test_code_is_clean(command: list[str]) -> None:
 
 def test_the_producer_never_imports_llama_cpp_or_openai() -> None:
     code = (
-        "import sys, producer, producer.cli, producer.job, producer.listener; "
+        "import sys, producer, sibylq.cli, producer.job, producer.listener; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'openai')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

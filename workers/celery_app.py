@@ -8,9 +8,8 @@ from typing import Any
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
-from producer.client import Client
-from producer.constants import TASK_NAME
-from producer.settings import Settings, get_settings
+from wire.constants import TASK_NAME
+from wire.settings import Settings, get_settings
 
 from .heartbeat import Heartbeat
 from .metrics import WorkerMetrics, process_exited
@@ -143,7 +142,7 @@ def _attach_observability(app: Celery, settings: Settings) -> None:
         )
         beat.beat()
         beat.start()
-        promoter = Promoter(result_redis(settings), Client(settings).celery)
+        promoter = Promoter(result_redis(settings), app)
         promoter.start()
         running.extend((beat, promoter))
 

@@ -1,15 +1,52 @@
-"""``sibylq worker MODEL``: a Celery worker on MODEL's queue with the right pool for it."""
+"""``sibylq worker MODEL`` (or ``python -m workers MODEL``): a Celery worker on MODEL's queue
+with the right pool for it."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from producer.errors import ConfigurationError
-from producer.modelref import ModelRef, model_stem, parse_model_ref
-from producer.settings import Settings, get_settings
+from wire.errors import ConfigurationError, SibylqError
+from wire.modelref import ModelRef, model_stem, parse_model_ref
+from wire.settings import Settings, get_settings
 
 from .supervisor import Child, child_command, split_concurrency, supervise
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The worker command's arguments (``sibylq worker`` and ``python -m workers``)."""
+    parser.add_argument("model", help="openai[:name], llamacpp:<name or .gguf path>, fake")
+    parser.add_argument("-c", "--concurrency", type=int, help="jobs at once (default: by provider)")
+    parser.add_argument("-P", "--pool", help="Celery pool (default: threads for APIs, prefork)")
+    parser.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
+    parser.add_argument("-l", "--loglevel", default="INFO")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="API workers: run N processes sharing -c, one GIL each (default: 1)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m workers") -> int:
+    """Parse the worker command's arguments and run it; exits 2 on a configuration error."""
+    args = add_worker_arguments(argparse.ArgumentParser(prog=prog)).parse_args(argv)
+    try:
+        return run_worker(
+            args.model,
+            concurrency=args.concurrency,
+            pool=args.pool,
+            queue=args.queue,
+            loglevel=args.loglevel,
+            processes=args.processes,
+        )
+    except SibylqError as exc:
+        print(f"sibylq: error: {exc}", file=sys.stderr)
+        return 2
 
 
 @dataclass(frozen=True)
@@ -64,7 +101,7 @@ def run_worker(
         get_settings.cache_clear()
         settings = get_settings()
     if processes > 1:
-        argv = ["worker", str(ref), f"--pool={pool}", f"--loglevel={loglevel}"]
+        argv = [str(ref), f"--pool={pool}", f"--loglevel={loglevel}"]
         argv += [f"--queue={queue}"] if queue else []
         return run_processes(argv, pool, concurrency, processes, settings)
     from . import default_app

@@ -15,9 +15,9 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from producer.contract import Envelope, JobSpec, Message, Timings, Usage
-from producer.errors import OutputValidationError
-from producer.modelref import parse_model_ref
+from wire.contract import Envelope, JobSpec, Message, Timings, Usage
+from wire.errors import OutputValidationError
+from wire.modelref import parse_model_ref
 
 from .backends.base import Backend, Completion, CompletionRequest
 

@@ -25,8 +25,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from producer.constants import DELAYED_KEY, DELAYED_LEASED_KEY, TASK_NAME, attempts_key
-from producer.settings import Settings
+from wire.constants import DELAYED_KEY, DELAYED_LEASED_KEY, TASK_NAME, attempts_key
+from wire.settings import Settings
 
 from .store import script
 

@@ -8,7 +8,7 @@ from functools import cache
 import redis
 from redis.commands.core import Script
 
-from producer.settings import Settings
+from wire.settings import Settings
 
 #: Connections a worker process may open to the result Redis (one per busy thread at most).
 MAX_CONNECTIONS = 4096

@@ -7,7 +7,7 @@ already held its answer, and its success is stored in one more round trip. A bac
 ``RetryLater`` parks the job in Redis (``workers.parking``): the message is acked, the stored
 state becomes RETRY, and a promoter re-enqueues it when due, carrying the tokens and outputs of
 its attempts so far. A job that finally fails is stored as a FAILURE and kept as a dead letter
-(``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``.
+(``wire.deadletters``) for ``sibylq failed`` and ``sibylq retry``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import redis
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from producer import deadletters
-from producer.constants import FAILURES_RETENTION_S, failures_key
-from producer.contract import Envelope, Failure, JobSpec, Usage
-from producer.deadletters import DeadLetter
-from producer.errors import BackendError, JobFailedError, SibylqError
-from producer.modelref import parse_model_ref
-from producer.outcome import FAILURE_CARRIER
-from producer.settings import Settings, get_settings
+from wire import deadletters
+from wire.constants import FAILURES_RETENTION_S, failures_key
+from wire.contract import Envelope, Failure, JobSpec, Usage
+from wire.deadletters import DeadLetter
+from wire.errors import BackendError, JobFailedError, SibylqError
+from wire.modelref import parse_model_ref
+from wire.outcome import FAILURE_CARRIER
+from wire.settings import Settings, get_settings
 
 from . import metrics
 from .backends import Backend, RetryLater, create_backend
@@ -60,7 +60,7 @@ def run_job(
     task: Task[Any, Any], payload: dict[str, Any], carry: dict[str, Any] | None = None
 ) -> None:
     """Celery entry point. Known failures become a JobFailure the producer can type, and a
-    dead letter (``producer.deadletters``); a job to retry later is parked (``workers.parking``).
+    dead letter (``wire.deadletters``); a job to retry later is parked (``workers.parking``).
 
     ``carry`` is what earlier attempts of a parked job left (``workers.execute.Progress``).
     Every outcome is counted: in the worker's metrics (``workers.metrics``) and, for

@@ -18,8 +18,9 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 from redis.exceptions import RedisError
 
-from ..contract import GenConf, JobKind, Usage
-from ..errors import InvalidRequestError, JobFailedError
+from wire.contract import GenConf, JobKind, Usage
+from wire.errors import InvalidRequestError, JobFailedError
+
 from ..job import Job
 from ..models import Model
 from ..targets import Target

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer.errors import UnknownModelError
-from producer.modelref import parse_model_ref
+from wire.errors import UnknownModelError
+from wire.modelref import parse_model_ref
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from producer.contract import JobKind, JobSpec, Message, Usage
-from producer.errors import OutputValidationError
 from producer.targets import target_for
+from wire.contract import JobKind, JobSpec, Message, Usage
+from wire.errors import OutputValidationError
 from workers.backends.base import Completion, CompletionRequest
 from workers.execute import Progress, decode_output, execute
 

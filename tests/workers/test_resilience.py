@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import BackendError, Client, Job, Models, Settings
-from producer.constants import TASK_NAME, attempts_key, queue_name, result_key
-from producer.redis_server import RedisServer
 from tests.conftest import Worker, wait_for
+from wire.constants import TASK_NAME, attempts_key, queue_name, result_key
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from producer.contract import GenConf, Message, Usage
+from wire.contract import GenConf, Message, Usage
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class RetryLater(Exception):  # noqa: N818 - a signal, not an error
 
 
 class Backend(Protocol):
-    """Runs one completion. Raises producer.errors.JobFailedError subclasses on failure, and
+    """Runs one completion. Raises wire.errors.JobFailedError subclasses on failure, and
     ``RetryLater`` when the same request may succeed later."""
 
     def complete(self, request: CompletionRequest) -> Completion: ...

@@ -9,8 +9,8 @@ import json
 import time
 from typing import Any
 
-from producer.contract import Usage
-from producer.errors import ConfigurationError
+from wire.contract import Usage
+from wire.errors import ConfigurationError
 
 from .base import Completion, CompletionRequest
 

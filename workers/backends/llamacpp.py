@@ -18,10 +18,10 @@ from typing import Any
 from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from producer.contract import Message, Usage
-from producer.errors import BackendError, ConfigurationError, PromptTooLongError
-from producer.modelref import model_stem, parse_model_ref
-from producer.settings import Settings
+from wire.contract import Message, Usage
+from wire.errors import BackendError, ConfigurationError, PromptTooLongError
+from wire.modelref import model_stem, parse_model_ref
+from wire.settings import Settings
 
 from ..model_files import resolve_model_path
 from .base import Completion, CompletionRequest

@@ -41,9 +41,9 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessage
 
-from producer.contract import GenConf, Message, Usage
-from producer.errors import BackendError, JobFailedError, PromptTooLongError
-from producer.settings import RateLimit, Settings
+from wire.contract import GenConf, Message, Usage
+from wire.errors import BackendError, JobFailedError, PromptTooLongError
+from wire.settings import RateLimit, Settings
 
 from ..ratelimit import RateLimiter, estimate_tokens, scope_for
 from ..store import result_redis

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import sys
@@ -16,13 +15,17 @@ from typing import Any
 
 import redis
 
-from .client import Client
-from .contract import Failure, GenConf
-from .deadletters import DeadLetter, list_dead, purge_dead, retry_dead
-from .errors import BrokerUnavailableError, InvalidRequestError, SibylqError
-from .modelref import parse_model_ref
-from .redis_server import find_redis_server
-from .settings import get_settings
+from embedded.redis_server import find_redis_server
+from producer.client import Client
+from wire.contract import Failure, GenConf
+from wire.deadletters import DeadLetter, list_dead, purge_dead
+from wire.errors import BrokerUnavailableError, InvalidRequestError, SibylqError
+from wire.modelref import parse_model_ref
+from wire.settings import get_settings
+from workers.cli import add_worker_arguments
+from workers.cli import main as worker_main
+
+from .deadletters import retry_dead
 from .status import add_status_parser, format_table, redact_url, run_status
 
 
@@ -31,17 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="start a Celery worker serving MODEL's queue")
-    worker.add_argument("model", help="openai[:name], llamacpp:<name or .gguf path>, fake")
-    worker.add_argument("-c", "--concurrency", type=int, help="jobs at once (default: by provider)")
-    worker.add_argument("-P", "--pool", help="Celery pool (default: threads for APIs, prefork)")
-    worker.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
-    worker.add_argument("-l", "--loglevel", default="INFO")
-    worker.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        help="API workers: run N processes sharing -c, one GIL each (default: 1)",
-    )
+    add_worker_arguments(worker)
 
     queue = commands.add_parser("queue", help="print the queue MODEL's jobs go to")
     queue.add_argument("model")
@@ -186,9 +179,9 @@ def _run_retry(args: argparse.Namespace) -> int:
 
 
 def _run_label(args: argparse.Namespace) -> int:
-    from .labeling import label_file, load_extract_spec, load_labels, make_task
-    from .labeling.progress import progress_for
-    from .models import Models
+    from producer.labeling import label_file, load_extract_spec, load_labels, make_task
+    from producer.labeling.progress import progress_for
+    from producer.models import Models
 
     if args.max_in_flight < 1:
         raise InvalidRequestError("--max-in-flight must be at least 1")
@@ -245,6 +238,9 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:  # the workers' own command, arguments and all
+        return worker_main(argv[1:], prog="sibylq worker")
     args, rest = build_parser().parse_known_args(argv)
     try:
         if args.command == "redis-server":
@@ -253,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "up":
-            from .embedded import run_up
+            from embedded.cluster import run_up
 
             return run_up(args.models)
         if args.command in _RUNNERS:
@@ -261,18 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "queue":
             print(parse_model_ref(args.model).queue)
             return 0
-        # Imported only here: a producer install needs no worker dependencies.
-        worker_cli = importlib.import_module("workers.cli")
-        return int(
-            worker_cli.run_worker(
-                args.model,
-                concurrency=args.concurrency,
-                pool=args.pool,
-                queue=args.queue,
-                loglevel=args.loglevel,
-                processes=args.processes,
-            )
-        )
+        raise AssertionError(f"unhandled command {args.command}")
     except SibylqError as exc:
         print(f"sibylq: error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from .constants import (
+from wire.constants import (
     FAILURES_RETENTION_S,
     KOMBU_PRIORITY_SEP,
     QUEUE_PREFIX,
@@ -41,8 +41,8 @@ from .constants import (
     worker_info_key,
     workers_key,
 )
-from .errors import BrokerUnavailableError, ConfigurationError
-from .settings import Settings, get_settings
+from wire.errors import BrokerUnavailableError, ConfigurationError
+from wire.settings import Settings, get_settings
 
 #: ``--window`` default, minutes.
 DEFAULT_WINDOW_MIN = 60
