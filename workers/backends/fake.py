@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from wire.contract import Usage
-from wire.errors import ConfigurationError
+from wire.modelref import fake_delay_s
 
 from .base import Completion, CompletionRequest
 
@@ -26,7 +26,7 @@ _FORMAT_EXAMPLES = {
 
 class FakeBackend:
     def complete(self, request: CompletionRequest) -> Completion:
-        delay_s = _delay_s(request.options)
+        delay_s = fake_delay_s(request.options)
         if delay_s:  # sleep(0) still yields the CPU: a cost when every core is busy
             time.sleep(delay_s)
         if request.json_schema is None:
@@ -39,17 +39,6 @@ class FakeBackend:
             usage=Usage(prompt_tokens=_word_count(request), completion_tokens=len(text.split())),
             model="fake",
         )
-
-
-def _delay_s(options: Any) -> float:
-    raw = options.get("delay", "0")
-    try:
-        delay = float(raw)
-    except ValueError:
-        delay = -1.0
-    if delay < 0:
-        raise ConfigurationError(f"fake:delay must be a number of seconds >= 0, not {raw!r}")
-    return delay
 
 
 def _word_count(request: CompletionRequest) -> int:
