@@ -23,9 +23,9 @@ from types import TracebackType
 
 import redis
 
+from embedded.redis_server import RedisServer, free_port
 from producer import Settings
-from producer.constants import workers_key
-from producer.redis_server import RedisServer, free_port
+from wire.constants import workers_key
 
 from .bare_celery import BARE_QUEUE, BareClient
 
@@ -144,7 +144,7 @@ class Cluster:
     ) -> list[Process]:
         """``count`` workers started together (their imports overlap), once the heartbeats of
         each one's ``each`` processes show for ``queue``."""
-        command = [sys.executable, "-m", "producer.cli", "worker", model, "-l", WORKER_LOGLEVEL]
+        command = [sys.executable, "-m", "workers", model, "-l", WORKER_LOGLEVEL]
         processes = [
             self.spawn("worker-" + model.replace(":", "-"), [*command, *args], self.env(env))
             for _ in range(count)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from producer import Client, Job, Models, Settings
-from producer.constants import queue_name
+from wire.constants import queue_name
 
 from .bare_celery import create_bare_app
 from .env import REPO_ROOT, Cluster, Context, RedisSampler, cpu_s

@@ -27,7 +27,7 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from producer.constants import queue_name, result_key
+from wire.constants import queue_name, result_key
 
 from .bare_celery import BareClient
 from .env import Cluster, Context, RedisSampler
@@ -64,7 +64,7 @@ def sibylq_label(cluster: Cluster, source: Path, tag: str) -> Run:
     the prompt, hence every job id, the run's own (a run never resumes another)."""
     output = cluster.workdir / f"labels-{tag}.jsonl"
     command = [
-        sys.executable, "-m", "producer.cli", "label", str(source), "--model", "fake",
+        sys.executable, "-m", "sibylq", "label", str(source), "--model", "fake",
         "--classify", "spam,ham", "--prompt", f"{PROMPT} ({tag})", "-o", str(output),
     ]  # fmt: skip
     with RedisSampler(cluster.url, cluster.port, interval_s=0.1) as sampler:

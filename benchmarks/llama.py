@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from producer import Client, GenConf, Model, Models, Settings
-from producer.constants import queue_name
 from producer.messages import build_messages
 from producer.targets import classify_target
+from wire.constants import queue_name
 
 from .env import REPO_ROOT, Context
 from .report import Result, Row, Skipped, Target, median

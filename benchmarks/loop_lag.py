@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from producer import Client, Job, Model, Models
-from producer.constants import queue_name
-from producer.contract import JobKind, JobSpec, Message
+from wire.constants import queue_name
+from wire.contract import JobKind, JobSpec, Message
 
 from .env import Context
 from .report import Result, Row, Target, alternate, median, percentile

@@ -15,7 +15,7 @@ import itertools
 import time
 
 from producer import Client, Model, Models
-from producer.constants import queue_name
+from wire.constants import queue_name
 
 from .bare_celery import BareClient
 from .env import Context

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from producer import Client, JobFailedError, Model, Models
-from producer.constants import queue_list_keys, queue_name
+from wire.constants import queue_list_keys, queue_name
 
 from .env import REPO_ROOT, Cluster, Context, Process
 from .report import Result, Row, Target, alternate, median

@@ -13,7 +13,7 @@ import itertools
 import time
 
 from producer import Client, Model, Models
-from producer.constants import queue_name
+from wire.constants import queue_name
 
 from .env import Context
 from .report import Result, Row, Target, median

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 
 import redis
 
-from producer.constants import QUEUE_PREFIX, worker_info_key, workers_key
-from producer.errors import ConfigurationError
-from producer.modelref import parse_model_ref
-from producer.settings import get_settings
+from wire.constants import QUEUE_PREFIX, worker_info_key, workers_key
+from wire.errors import ConfigurationError
+from wire.modelref import parse_model_ref
+from wire.settings import get_settings
 
 
 def queue_of(target: str) -> str:

@@ -1,8 +1,7 @@
 """sibylq's producer side: everything a caller imports. It never imports llama_cpp or openai."""
 
-from .client import Client
-from .contract import Envelope, GenConf, JobKind, JobSpec, Message, Usage
-from .errors import (
+from wire.contract import Envelope, GenConf, JobKind, JobSpec, Message, Usage
+from wire.errors import (
     BackendError,
     BrokerUnavailableError,
     ConfigurationError,
@@ -19,9 +18,11 @@ from .errors import (
     UnknownModelError,
     UnsupportedTargetError,
 )
+from wire.settings import Settings, get_settings
+
+from .client import Client
 from .job import Job, JobStatus
 from .models import Model, Models
-from .settings import Settings, get_settings
 
 __all__ = [
     "BackendError",

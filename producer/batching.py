@@ -16,8 +16,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
+from wire.outcome import stage_success
+
 from .enqueue import PUSH_SCRIPT, RETRYABLE, StoreHit
-from .outcome import stage_success
 
 #: Commands in one batch at most: resuming their callers is one stretch of the loop (~1 ms).
 MAX_BATCH = 16

@@ -29,10 +29,16 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from . import cache
-from .connections import Endpoint, connect, endpoint
-from .constants import attempts_key, claim_key, result_key, workers_key
-from .contract import JobSpec
+from wire import cache
+from wire.connections import Endpoint, connect, endpoint
+from wire.constants import attempts_key, claim_key, result_key
+from wire.contract import JobSpec
+from wire.errors import BrokerUnavailableError, ConfigurationError
+from wire.liveness import count_live
+from wire.modelref import ModelRef
+from wire.redact import redact, redact_url, secrets_of
+from wire.settings import Settings, get_settings
+
 from .enqueue import (
     PUSH_SCRIPT,
     RETRYABLE,
@@ -46,18 +52,11 @@ from .enqueue import (
     plan_enqueue,
     try_timeout_s,
 )
-from .errors import BrokerUnavailableError, ConfigurationError
 from .listener import ResultListener
-from .modelref import ModelRef
-from .redact import redact, redact_url, secrets_of
-from .settings import Settings, get_settings
 from .waiting import UNREACHABLE
 
 if TYPE_CHECKING:
-    from .embedded import EmbeddedCluster
-
-#: A heartbeat older than this (in heartbeat intervals) means the worker is gone.
-HEARTBEAT_GRACE = 5
+    from embedded.cluster import EmbeddedCluster
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +81,7 @@ class Client:
         cluster (a private Redis, and workers on demand) on first use."""
         if self._configured.broker_url is not None:
             return self._configured
-        from .embedded import default_cluster
+        from embedded.cluster import default_cluster
 
         self._cluster = default_cluster()
         update = {"broker_url": self._cluster.url, "result_backend": None}
@@ -107,7 +106,7 @@ class Client:
         broker = endpoint(self.settings.broker, self.settings)
         app = Celery("sibylq-producer", broker=broker.url, set_as_current=False)
         app.conf.update(
-            broker_use_ssl=broker.ssl_options() or False,  # producer.connections' TLS policy
+            broker_use_ssl=broker.ssl_options() or False,  # wire.connections' TLS policy
             task_serializer="json",
             accept_content=["json"],
             result_backend=None,
@@ -138,7 +137,7 @@ class Client:
         self, spec: JobSpec, queue: str, job_id: str | None = None, *, priority: int = 0
     ) -> str:
         """Enqueue ``spec`` on ``queue`` (``priority`` 0 is served first; see
-        ``LANE_PRIORITIES``); returns the job id. An answer in the cache (``producer.cache``)
+        ``LANE_PRIORITIES``); returns the job id. An answer in the cache (``wire.cache``)
         is stored as the job's result at once, and nothing is enqueued."""
         job_id = job_id or str(uuid.uuid4())
         self.send(self.plan(spec, queue, job_id, priority=priority, once=False))
@@ -259,7 +258,7 @@ class Client:
 
     def _before_starting(self) -> None:
         if self._configured.broker_url is None:  # the embedded cluster may start in a thread
-            from .embedded import install_sigterm_handler
+            from embedded.cluster import install_sigterm_handler
 
             install_sigterm_handler()
 
@@ -276,8 +275,7 @@ class Client:
 
     def workers_alive(self, queue: str) -> Any:
         try:
-            since = time.time() - HEARTBEAT_GRACE * self.settings.heartbeat_interval_s
-            return self.redis.zcount(workers_key(queue), since, "+inf") > 0
+            return count_live(self.redis, queue, self.settings.heartbeat_interval_s) > 0
         except redis.RedisError:
             return UNREACHABLE
 
@@ -305,7 +303,7 @@ class Client:
         return endpoint(url, self.settings)
 
     def _redacted(self, exc: BaseException) -> BrokerUnavailableError:
-        """``exc`` as an error that holds none of the Redis passwords (``producer.redact``)."""
+        """``exc`` as an error that holds none of the Redis passwords (``wire.redact``)."""
         secrets = secrets_of(self.settings.broker_url, self.settings.result_backend)
         return BrokerUnavailableError(redact(f"{type(exc).__name__}: {exc}", secrets))
 
@@ -321,7 +319,7 @@ class Client:
         if listener is None:
             listener = ResultListener(
                 self.settings.result_url,
-                heartbeat_grace_s=HEARTBEAT_GRACE * self.settings.heartbeat_interval_s,
+                heartbeat_interval_s=self.settings.heartbeat_interval_s,
                 endpoint=self._endpoint,
             )
             self._listeners[loop] = listener

@@ -27,10 +27,10 @@ import redis
 from celery import Celery
 from kombu.utils.json import dumps
 
-from . import cache
-from .constants import TASK_NAME, claim_key, queue_list_key
-from .contract import Envelope, JobSpec
-from .errors import BrokerUnavailableError
+from wire import cache
+from wire.constants import TASK_NAME, claim_key, queue_list_key
+from wire.contract import Envelope, JobSpec
+from wire.errors import BrokerUnavailableError
 
 #: Errors after which a try may or may not have reached Redis: retried (the script makes a
 #: second push of the same enqueue a no-op).

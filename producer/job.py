@@ -16,12 +16,13 @@ from collections.abc import Generator
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
+from wire.contract import Envelope, JobSpec
+from wire.errors import JobFailedError
+from wire.modelref import ModelRef, parse_model_ref
+from wire.outcome import envelope_from_meta
+
 from .client import Client, Subscription
-from .contract import Envelope, JobSpec
 from .enqueue import EnqueuePlan
-from .errors import JobFailedError
-from .modelref import ModelRef, parse_model_ref
-from .outcome import envelope_from_meta
 from .targets import Target, target_for
 from .waiting import UNREACHABLE, CheckWorkers, Wait, WaitFlow, WaitPlan, wait_flow
 

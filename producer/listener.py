@@ -22,9 +22,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from wire.connections import Endpoint, plain_endpoint
+from wire.constants import job_id_from_result_key, result_key
+from wire.liveness import count_live
+
 from .batching import Batcher, LoopEnqueuer
-from .connections import Endpoint, plain_endpoint
-from .constants import job_id_from_result_key, result_key, workers_key
 from .waiting import UNREACHABLE, ready_meta
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,11 @@ class ResultListener:
         self,
         url: str,
         *,
-        heartbeat_grace_s: float,
+        heartbeat_interval_s: float,
         presence_ttl_s: float = 1.0,
         endpoint: Callable[[str], Endpoint] = plain_endpoint,
     ) -> None:
-        # ``endpoint``: a URL with the TLS options its clients need (``producer.connections``).
+        # ``endpoint``: a URL with the TLS options its clients need (``wire.connections``).
         # No retries or reconnects inside redis-py (supported_errors=()): one made on its own
         # would resubscribe but skip re-reading the keys stored meanwhile, and a reconnect
         # from a subscribe call would read the handshake while the reader task reads. Errors
@@ -62,7 +64,7 @@ class ResultListener:
         self._presence: dict[str, tuple[float, bool]] = {}
         self._presence_asks: dict[str, asyncio.Future[Any]] = {}
         self._presence_ttl_s = presence_ttl_s
-        self._heartbeat_grace_s = heartbeat_grace_s
+        self._heartbeat_interval_s = heartbeat_interval_s
         self.broken = False  # the last session ended in an error, and none has started since
 
     # -- what handles call -------------------------------------------------------------
@@ -91,9 +93,8 @@ class ResultListener:
         return await asyncio.shield(asking)
 
     async def _ask_presence(self, queue: str) -> Any:
-        since = time.time() - self._heartbeat_grace_s
         try:
-            alive = await self._redis.zcount(workers_key(queue), since, "+inf") > 0
+            alive = await count_live(self._redis, queue, self._heartbeat_interval_s) > 0
         except RedisError:
             return UNREACHABLE
         self._presence[queue] = (time.monotonic(), alive)
@@ -230,7 +231,7 @@ def _client(url: str, name: str, endpoint: Callable[[str], Endpoint]) -> aioredi
     """At most 3 connections: for the listener, the pub/sub one and two for commands (MGET,
     ZCOUNT, and pushes when the broker is the same Redis). No retries or reconnects inside
     redis-py (see ``ResultListener``); callers bound each command's time themselves."""
-    target = endpoint(url)  # producer.connections' TLS policy
+    target = endpoint(url)  # wire.connections' TLS policy
     pool = aioredis.BlockingConnectionPool.from_url(
         target.url,
         **target.ssl_options(),

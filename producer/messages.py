@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .contract import Message
-from .errors import InvalidRequestError
+from wire.contract import Message
+from wire.errors import InvalidRequestError
 
 Query = str | Sequence[Message | Mapping[str, Any]]
 

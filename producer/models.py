@@ -14,14 +14,15 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from wire.constants import LANE_PRIORITIES
+from wire.contract import GenConf, JobKind, JobSpec
+from wire.errors import InvalidRequestError, UnsupportedTargetError
+from wire.modelref import ModelRef, fake_delay_s, parse_model_ref
+from wire.settings import Settings
+
 from .client import Client
-from .constants import LANE_PRIORITIES
-from .contract import GenConf, JobKind, JobSpec
-from .errors import ConfigurationError, InvalidRequestError, UnsupportedTargetError
 from .job import Enqueue, Job
 from .messages import Query, build_messages
-from .modelref import ModelRef, parse_model_ref
-from .settings import Settings
 from .targets import TEXT, Target, classify_target, json_target, target_for
 
 T = TypeVar("T")
@@ -49,7 +50,7 @@ class Models:
         on the same workers go first (labeling runs use it)."""
         model_ref = parse_model_ref(ref)
         if model_ref.provider == "fake":
-            _check_fake_options(model_ref)
+            fake_delay_s(model_ref.options)  # bad options fail here, not on a worker
         return Model(
             model_ref,
             client=client or Client(settings),
@@ -206,16 +207,3 @@ def _checked_lane(lane: str) -> Lane:
     if lane not in LANE_PRIORITIES:
         raise InvalidRequestError(f"lane must be one of {sorted(LANE_PRIORITIES)}, not {lane!r}")
     return lane  # type: ignore[return-value]
-
-
-def _check_fake_options(ref: ModelRef) -> None:
-    unknown = set(ref.options) - {"delay"}
-    if unknown:
-        raise ConfigurationError(f"unknown fake option(s) {sorted(unknown)}; fake takes delay=<s>")
-    try:
-        if float(ref.options.get("delay", "0")) < 0:
-            raise ValueError
-    except ValueError as exc:
-        raise ConfigurationError(
-            f"fake:delay must be a number of seconds >= 0, not {ref.options['delay']!r}"
-        ) from exc

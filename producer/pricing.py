@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .contract import Usage
-from .modelref import ModelRef
-from .settings import Price, Settings
+from wire.contract import Usage
+from wire.modelref import ModelRef
+from wire.settings import Price, Settings
 
 
 def price_for(ref: ModelRef, settings: Settings) -> Price | None:

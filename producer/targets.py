@@ -23,8 +23,8 @@ from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, Vali
 from pydantic.errors import PydanticInvalidForJsonSchema, PydanticUserError
 from typing_extensions import is_typeddict
 
-from .errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
-from .schema_limits import MAX_DEPTH, check_schema
+from wire.errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
+from wire.schema_limits import MAX_DEPTH, check_schema
 
 WRAP_KEY = "output"
 
@@ -72,7 +72,7 @@ TEXT = Target(json_schema=None)
 
 def target_for(python_type: Any) -> Target:
     """The target for ``extract(python_type, ...)``; raises UnsupportedTargetError, or
-    InvalidRequestError for a type whose schema breaks ``producer.schema_limits``."""
+    InvalidRequestError for a type whose schema breaks ``wire.schema_limits``."""
     try:
         try:
             return _cached_target(python_type)

@@ -14,7 +14,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BrokerUnavailableError, JobTimeoutError, NoWorkerError
+from wire.errors import BrokerUnavailableError, JobTimeoutError, NoWorkerError
 
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from producer.settings import Settings
+from wire.settings import Settings
 from workers.model_files import resolve_model_path
 
 

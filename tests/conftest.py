@@ -15,11 +15,11 @@ from typing import TypeVar
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer, free_port
 from producer import Client, Settings
-from producer.constants import queue_name, workers_key
-from producer.redis_server import RedisServer, free_port
 from tests.dead_letters import without_dead_letters
 from tests.openai_stub import OpenAIStub
+from wire.constants import queue_name, workers_key
 
 HEARTBEAT_S = 0.5
 LLAMA_SERVER_QUEUE = queue_name("openai", "llama-server")
@@ -33,7 +33,7 @@ class Worker:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", *args],
+            [sys.executable, "-m", "workers", *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 
-from producer.constants import attempts_key, queue_name, result_key
-from producer.contract import Failure, JobKind, JobSpec, Message
-from producer.deadletters import DeadLetter, RawMessage, purge_dead, record
+from wire.constants import attempts_key, queue_name, result_key
+from wire.contract import Failure, JobKind, JobSpec, Message
+from wire.deadletters import DeadLetter, RawMessage, purge_dead, record
 
 EXPIRE_S = 3600
 FAKE = queue_name("fake")

@@ -25,7 +25,7 @@ import threading
 import time
 from types import TracebackType
 
-from producer.redis_server import RedisServer
+from embedded.redis_server import RedisServer
 
 _CHUNK = 65536
 

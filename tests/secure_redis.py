@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.redis_server import RedisServer
+from embedded.redis_server import RedisServer
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,17 @@ from importlib.metadata import version
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import Client, Job
-from producer.cli import build_parser, main
-from producer.deadletters import DeadLetter, list_dead, record
-from producer.redis_server import RedisServer
+from sibylq.cli import build_parser, main
 from tests.conftest import Worker
 from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter, undecodable_letter
+from wire.deadletters import DeadLetter, list_dead, record
 
 
 def _sibylq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sibylq", *args], capture_output=True, text=True, timeout=60
     )
 
 
@@ -117,7 +117,7 @@ def _sibylq_at(broker_url: str | None, *args: str) -> subprocess.CompletedProces
     if broker_url is not None:
         env["SIBYLQ_BROKER_URL"] = broker_url
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "sibylq", *args],
         env=env,
         capture_output=True,
         text=True,

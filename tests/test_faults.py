@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from producer.redis_server import RedisServer
+from embedded.redis_server import RedisServer
 from tests.faults import FaultyProxy, restart
 
 

@@ -8,10 +8,9 @@ from typing import Any
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
-from producer.client import Client
-from producer.connections import endpoint
-from producer.constants import TASK_NAME
-from producer.settings import HARD_LIMIT_GRACE_S, Settings, get_settings
+from wire.connections import endpoint
+from wire.constants import TASK_NAME
+from wire.settings import HARD_LIMIT_GRACE_S, Settings, get_settings
 
 from .broker import TRANSPORT
 from .consumer import HoldDuplicates
@@ -42,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         # kombu's Redis transport, screening every entry before it is decoded and closing
         # cleanly when a connection dies mid-read (workers.broker).
         broker_transport=TRANSPORT,
-        # One TLS policy for every client (producer.connections): kombu alone would not
+        # One TLS policy for every client (wire.connections): kombu alone would not
         # check the certificate of a bare rediss:// URL.
         broker_use_ssl=broker.ssl_options() or False,
         redis_backend_use_ssl=results.ssl_options() or False,
@@ -161,7 +160,7 @@ def _attach_observability(app: Celery, settings: Settings) -> None:
         beat.start()
         leases = LeaseKeeper(app, settings)
         leases.start()
-        promoter = Promoter(result_redis(settings), Client(settings).celery)
+        promoter = Promoter(result_redis(settings), app)
         promoter.start()
         running.extend((beat, leases, promoter))
 

@@ -1,18 +1,80 @@
-"""``sibylq worker MODEL``: a Celery worker on MODEL's queue with the right pool for it."""
+"""``sibylq worker MODEL`` (or ``python -m workers MODEL``): a Celery worker on MODEL's queue
+with the right pool for it."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from celery import Celery
 
-from producer.connections import check_usable
-from producer.errors import ConfigurationError
-from producer.modelref import ModelRef, model_stem, parse_model_ref
-from producer.settings import Settings, get_settings
+from wire.connections import check_usable
+from wire.errors import ConfigurationError, SibylqError
+from wire.modelref import ModelRef, model_stem, parse_model_ref
+from wire.settings import Settings, get_settings
 
 from .supervisor import Child, child_command, split_concurrency, supervise
+
+DESCRIPTION = (
+    "Start a Celery worker serving MODEL's queue at SIBYLQ_BROKER_URL, with the pool that suits "
+    "the model: prefork, one job a process, for llama.cpp; threads for remote APIs."
+)
+EPILOG = (
+    "examples:\n  export SIBYLQ_BROKER_URL=redis://localhost:6379/0\n"
+    "  sibylq worker llamacpp:smollm2\n  sibylq worker openai -c 128 --processes 2"
+)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The worker command's arguments (``sibylq worker`` and ``python -m workers``)."""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="openai[:name], llamacpp:<name or .gguf path>, or fake[:delay=S]",
+    )
+    parser.add_argument(
+        "-c", "--concurrency", type=int, metavar="N", help="jobs at once (default: 1 a "
+        "process for llama.cpp, SIBYLQ_OPENAI_CONCURRENCY for APIs, 8 for fake)"
+    )  # fmt: skip
+    parser.add_argument(
+        "-P", "--pool", help="Celery pool (default: prefork for llama.cpp, threads otherwise)"
+    )
+    parser.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
+    parser.add_argument("-l", "--loglevel", default="INFO", help="Celery's log level")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="API workers: run N processes sharing -c, one GIL each",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m workers") -> int:
+    """Parse the worker command's arguments and run it; a configuration error exits 2."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    args = add_worker_arguments(parser).parse_args(argv)
+    try:
+        return run_worker(
+            args.model,
+            concurrency=args.concurrency,
+            pool=args.pool,
+            queue=args.queue,
+            loglevel=args.loglevel,
+            processes=args.processes,
+        )
+    except SibylqError as exc:
+        print(f"sibylq: error: {exc}", file=sys.stderr)
+        return 2
 
 
 @dataclass(frozen=True)
@@ -69,7 +131,7 @@ def run_worker(
         get_settings.cache_clear()
         settings = get_settings()
     if processes > 1:
-        argv = ["worker", str(ref), f"--pool={pool}", f"--loglevel={loglevel}"]
+        argv = [str(ref), f"--pool={pool}", f"--loglevel={loglevel}"]
         argv += [f"--queue={queue}"] if queue else []
         return run_processes(argv, pool, concurrency, processes, settings)
     from . import default_app

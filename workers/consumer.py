@@ -25,7 +25,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker import state as worker_state
 
-from producer.constants import TASK_NAME
+from wire.constants import TASK_NAME
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ The check-in (one Lua call):
 - only then is STARTED stored (``task_track_started`` is off for this task: Celery would
   store STARTED before the task body runs, overwriting a stored FAILURE before the check
   above could see it);
-- the answer cache's entry for the job (``producer.cache``) comes back with it.
+- the answer cache's entry for the job (``wire.cache``) comes back with it.
 
 A success is stored by the task itself (the task ignores its return value: Celery's backend
 would read the key, then write it, then the cache entry would be a third trip): the result, its
 announcement to waiters and the cache entry go in one Lua call. Failures are still stored by
 Celery (``store_errors_even_if_ignored``), which also covers time limits and lost processes,
 through the workers' result backend (``workers.results``). Both refuse to replace a final
-result (``producer.outcome.STORE_UNLESS_FINAL``): when a job runs twice, the first result
+result (``wire.outcome.STORE_UNLESS_FINAL``): when a job runs twice, the first result
 stored wins, and its waiters never see another.
 """
 
@@ -37,11 +37,11 @@ import redis
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from producer import cache as answers
-from producer.constants import attempts_key, result_key
-from producer.contract import Envelope, Failure, JobSpec
-from producer.outcome import STORE_UNLESS_FINAL, failure_result, result_meta
-from producer.settings import Settings
+from wire import cache as answers
+from wire.constants import attempts_key, result_key
+from wire.contract import Envelope, Failure, JobSpec
+from wire.outcome import STORE_UNLESS_FINAL, failure_result, result_meta
+from wire.settings import Settings
 
 from . import metrics
 from .store import script

@@ -8,16 +8,16 @@ summed in ``Progress``, which also survives a job parked for a retry (``workers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.contract import Envelope, JobSpec, Message, Timings, Usage
-from producer.errors import OutputValidationError
-from producer.modelref import parse_model_ref
+from wire.contract import Envelope, JobSpec, Message, Timings, Usage
+from wire.errors import ContractError, OutputValidationError
+from wire.modelref import parse_model_ref
 
 from .backends.base import Backend, Completion, CompletionRequest, Deadline
 
@@ -27,14 +27,17 @@ REASK_INSTRUCTION = (
 )
 
 
-@dataclass
-class Progress:
-    """What a job's calls so far cost and produced; carried across parked retries as JSON."""
+class Progress(BaseModel):
+    """What a job's calls so far cost and produced; carried across parked retries as JSON
+    (a versioned payload: a job parked by one release may run on the next)."""
 
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
     retries: int = 0
     calls: int = 0
-    usage: Usage = field(default_factory=Usage)
-    raw_outputs: list[str] = field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    raw_outputs: list[str] = Field(default_factory=list)
     started_at: datetime | None = None
 
     def record(self, completion: Completion) -> None:
@@ -43,26 +46,17 @@ class Progress:
         self.raw_outputs.append(completion.text)
 
     def encode(self) -> dict[str, Any]:
-        return {
-            "retries": self.retries,
-            "calls": self.calls,
-            "usage": self.usage.model_dump(),
-            "raw_outputs": self.raw_outputs,
-            "started_at": None if self.started_at is None else self.started_at.isoformat(),
-        }
+        return self.model_dump(mode="json")
 
     @classmethod
-    def decode(cls, data: dict[str, Any] | None) -> Progress:
-        if not data:
+    def decode(cls, data: object) -> Progress:
+        """The progress carried by a delivery (none: a first run); raises ContractError."""
+        if data is None:
             return cls()
-        started = data.get("started_at")
-        return cls(
-            retries=int(data.get("retries", 0)),
-            calls=int(data.get("calls", 0)),
-            usage=Usage.model_validate(data.get("usage") or {}),
-            raw_outputs=[str(text) for text in data.get("raw_outputs") or []],
-            started_at=None if started is None else datetime.fromisoformat(started),
-        )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ContractError(f"not a valid job progress: {exc}", data) from exc
 
 
 def execute(

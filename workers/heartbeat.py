@@ -21,10 +21,10 @@ from typing import Any
 
 import redis
 
-from producer.client import HEARTBEAT_GRACE
-from producer.connections import connect
-from producer.constants import QUEUES_KEY, QUEUES_RETENTION_S, worker_info_key, workers_key
-from producer.settings import Settings
+from wire.connections import connect
+from wire.constants import QUEUES_KEY, QUEUES_RETENTION_S, worker_info_key, workers_key
+from wire.liveness import grace_s
+from wire.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Heartbeat:
 
     def beat(self) -> None:
         now = time.time()
-        grace = HEARTBEAT_GRACE * self._interval_s
+        grace = grace_s(self._interval_s)
         with self._redis.pipeline() as pipe:
             for queue in self._queues:
                 pipe.zadd(workers_key(queue), {self._hostname: now})

@@ -13,7 +13,7 @@ a popped entry, celery/kombu#2421). ``workers.broker`` calls ``admit`` on every 
 returns, before kombu sees it.
 
 An entry ``screen`` refuses is *set aside*: kept as a dead letter with its bytes
-(``producer.deadletters``: ``sibylq failed`` lists it, ``sibylq retry`` refuses it), and when it
+(``wire.deadletters``: ``sibylq failed`` lists it, ``sibylq retry`` refuses it), and when it
 names a job id, that job's result becomes a ``ContractError`` FAILURE unless it already has a
 final one: whoever waits on it gets an error instead of waiting forever. The worker goes on.
 """
@@ -30,11 +30,11 @@ from typing import Any
 
 import redis
 
-from producer import deadletters
-from producer.constants import KOMBU_PRIORITY_SEP, TASK_NAME
-from producer.contract import Failure
-from producer.deadletters import DeadLetter, RawMessage
-from producer.settings import Settings, get_settings
+from wire import deadletters
+from wire.constants import KOMBU_PRIORITY_SEP, TASK_NAME
+from wire.contract import Failure
+from wire.deadletters import DeadLetter, RawMessage
+from wire.settings import Settings, get_settings
 
 from .delivery import store_failure
 from .execute import Progress

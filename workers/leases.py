@@ -41,8 +41,8 @@ from celery import Celery
 from celery.worker import state as worker_state
 from kombu.exceptions import KombuError
 
-from producer.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY
-from producer.settings import Settings
+from wire.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY
+from wire.settings import Settings
 
 log = logging.getLogger(__name__)
 

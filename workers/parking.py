@@ -15,18 +15,18 @@ once the job has finished.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from celery import Celery
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from producer.constants import DELAYED_KEY, DELAYED_LEASED_KEY, TASK_NAME, attempts_key
-from producer.settings import Settings
+from wire.constants import DELAYED_KEY, DELAYED_LEASED_KEY, TASK_NAME, attempts_key
+from wire.errors import ContractError
+from wire.settings import Settings
 
 from .store import script
 
@@ -71,10 +71,13 @@ return due
 """
 
 
-@dataclass(frozen=True)
-class Parked:
-    """A job waiting for its retry: enough to publish it again as it was."""
+class Parked(BaseModel):
+    """A job waiting for its retry: enough to publish it again as it was. Stored in Redis as
+    versioned JSON: a job parked by one release may be promoted by the next."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
     job_id: str
     queue: str
     priority: int
@@ -83,11 +86,15 @@ class Parked:
     reason: str
 
     def encode(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True, separators=(",", ":"))
+        return self.model_dump_json()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Parked:
-        return cls(**json.loads(raw))
+        """Raises ContractError for anything but a parked job's JSON."""
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ContractError(f"not a valid parked job: {exc}", raw) from exc
 
 
 def park(parked: Parked, delay_s: float, settings: Settings) -> None:
@@ -134,7 +141,12 @@ class Promoter:
             keys=[DELAYED_KEY, DELAYED_LEASED_KEY], args=[BATCH, LEASE_S * 1000]
         )
         for member in members:
-            self._publish(Parked.decode(member))
+            try:
+                parked = Parked.decode(member)
+            except ContractError as exc:  # written by no sibylq release: it can never run
+                log.error("dropping an entry of %s that is no parked job: %s", DELAYED_KEY, exc)
+            else:
+                self._publish(parked)
             self._redis.zrem(DELAYED_LEASED_KEY, member)
         return len(members)
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import redis
 
-from producer.constants import rate_limit_keys
-from producer.contract import Message
-from producer.settings import RateLimit
+from wire.constants import rate_limit_keys
+from wire.contract import Message
+from wire.settings import RateLimit
 
 #: Keys live this long past the time they store, then the idle bucket or pause vanishes.
 KEY_MARGIN_MS = 1000

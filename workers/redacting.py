@@ -1,5 +1,5 @@
 """No secret leaves a worker: its stored results and its log lines go through
-``producer.redact``.
+``wire.redact``.
 
 A failed job's stored traceback holds the whole exception chain: the ``openai`` SDK's error
 carries the server's body, and a proxy may echo the ``Authorization`` header there. Failure
@@ -21,9 +21,9 @@ from typing import Any
 from celery import Celery, signals
 from celery.backends.redis import RedisBackend
 
-from producer.contract import Failure
-from producer.redact import redact, secrets_of
-from producer.settings import Settings
+from wire.contract import Failure
+from wire.redact import redact, secrets_of
+from wire.settings import Settings
 
 
 class RedactingRedisBackend(RedisBackend):

@@ -5,7 +5,7 @@ Celery stores failures (and RETRY) itself. Its Redis backend reads the current s
 write only when it is SUCCESS, then SETs and PUBLISHes: a second run of the same job could
 still replace a stored FAILURE, or slip its write in between the read and the SET of another.
 Here (below the redaction of ``workers.redacting``) the check and the write are one Lua call
-(``producer.outcome.STORE_UNLESS_FINAL``), the same rule the task's own success store follows:
+(``wire.outcome.STORE_UNLESS_FINAL``), the same rule the task's own success store follows:
 the first final result stored wins.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.commands.core import Script
 
-from producer.outcome import STORE_UNLESS_FINAL
+from wire.outcome import STORE_UNLESS_FINAL
 
 from .redacting import RedactingRedisBackend
 

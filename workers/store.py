@@ -8,8 +8,8 @@ from functools import cache
 import redis
 from redis.commands.core import Script
 
-from producer.connections import Endpoint, endpoint
-from producer.settings import Settings
+from wire.connections import Endpoint, endpoint
+from wire.settings import Settings
 
 #: Connections a worker process may open to the result Redis (one per busy thread at most).
 MAX_CONNECTIONS = 4096

@@ -91,5 +91,5 @@ def _signal_all(children: list[subprocess.Popen[bytes]], signum: int) -> None:
 
 
 def child_command(argv: Sequence[str], concurrency: int) -> list[str]:
-    """The argv of one child: ``sibylq worker`` with its own share of the concurrency."""
-    return [sys.executable, "-m", "producer.cli", *argv, f"--concurrency={concurrency}"]
+    """The argv of one child: a worker with its own share of the concurrency."""
+    return [sys.executable, "-m", "workers", *argv, f"--concurrency={concurrency}"]

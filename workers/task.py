@@ -9,7 +9,7 @@ same job stored its result already (the first result wins). A backend's
 ``RetryLater`` parks the job in Redis (``workers.parking``): the message is acked, the stored
 state becomes RETRY, and a promoter re-enqueues it when due, carrying the tokens and outputs of
 its attempts so far. A job that finally fails is stored as a FAILURE and kept as a dead letter
-(``producer.deadletters``) for ``sibylq failed`` and ``sibylq retry``; a payload that is not a
+(``wire.deadletters``) for ``sibylq failed`` and ``sibylq retry``; a payload that is not a
 job is kept as received (messages that are not even Celery's are set aside before any task
 runs: ``workers.intake``).
 """
@@ -27,14 +27,14 @@ import redis
 from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from producer import deadletters
-from producer.constants import FAILURES_RETENTION_S, failures_key
-from producer.contract import Envelope, Failure, JobSpec, Usage
-from producer.deadletters import DeadLetter, RawMessage
-from producer.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
-from producer.modelref import parse_model_ref, serves
-from producer.outcome import FAILURE_CARRIER
-from producer.settings import Settings, get_settings
+from wire import deadletters
+from wire.constants import FAILURES_RETENTION_S, failures_key
+from wire.contract import Envelope, Failure, JobSpec, Usage
+from wire.deadletters import DeadLetter, RawMessage
+from wire.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
+from wire.modelref import parse_model_ref, serves
+from wire.outcome import FAILURE_CARRIER
+from wire.settings import Settings, get_settings
 
 from . import metrics
 from .backends import Backend, Deadline, RetryLater, create_backend
@@ -66,7 +66,7 @@ def run_job(
     task: Task[Any, Any], payload: dict[str, Any], carry: dict[str, Any] | None = None
 ) -> None:
     """Celery entry point. Known failures become a JobFailure the producer can type, and a
-    dead letter (``producer.deadletters``); a job to retry later is parked (``workers.parking``).
+    dead letter (``wire.deadletters``); a job to retry later is parked (``workers.parking``).
 
     ``carry`` is what earlier attempts of a parked job left (``workers.execute.Progress``).
     Every outcome is counted: in the worker's metrics (``workers.metrics``) and, for

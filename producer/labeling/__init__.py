@@ -15,8 +15,9 @@ from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from ..contract import GenConf, JobKind
-from ..errors import InvalidRequestError
+from wire.contract import GenConf, JobKind
+from wire.errors import InvalidRequestError
+
 from ..models import Model
 from ..pricing import price_for
 from ..targets import Target, classify_target, json_target, target_for

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-from ..contract import GenConf
+from wire.contract import GenConf
 
 
 def run_fingerprint(

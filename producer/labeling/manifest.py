@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import InvalidRequestError
+from wire.errors import InvalidRequestError
+
 from ..version import sibylq_version
 from .ids import schema_digest
 from .runner import LabelTask

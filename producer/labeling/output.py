@@ -19,7 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import InvalidRequestError
+from wire.errors import InvalidRequestError
+
 from .ids import key_text
 from .manifest import Manifest, manifest_path
 from .results import LabelResult, Previous

@@ -9,9 +9,10 @@ from typing import IO, Protocol
 
 from tqdm import tqdm
 
-from ..contract import Usage
+from wire.contract import Usage
+from wire.settings import Price
+
 from ..pricing import cost_usd
-from ..settings import Price
 from .results import LabelResult, Skipped
 
 

@@ -6,7 +6,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import InvalidRequestError
+from wire.errors import InvalidRequestError
 
 
 class PromptTemplate:

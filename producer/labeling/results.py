@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..contract import Usage
+from wire.contract import Usage
 
 
 @dataclass(frozen=True)

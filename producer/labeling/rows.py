@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequestError
+from wire.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)

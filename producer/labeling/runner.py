@@ -20,8 +20,9 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 from redis.exceptions import RedisError
 
-from ..contract import Envelope, GenConf, JobKind, Usage
-from ..errors import InvalidRequestError, JobCancelledError, JobFailedError, JobTimeoutError
+from wire.contract import Envelope, GenConf, JobKind, Usage
+from wire.errors import InvalidRequestError, JobCancelledError, JobFailedError, JobTimeoutError
+
 from ..job import Job
 from ..models import Model, merge_genconf
 from ..targets import Target

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from producer.settings import Settings
+from wire.settings import Settings
 from workers.celery_app import hard_time_limit_s
 
 ROOT = Path(__file__).resolve().parents[2]

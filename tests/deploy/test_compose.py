@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from producer.modelref import parse_model_ref
+from wire.modelref import parse_model_ref
 
 from .helpers import COMPOSE_SCHEMA, ROOT, longest_job_s
 

@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,13 @@ from .helpers import DEPLOY, ROOT
 CPU = DEPLOY / "Dockerfile"
 CUDA = DEPLOY / "Dockerfile.cuda"
 DOCKERFILES = [CPU, CUDA]
+#: The packages the wheel is built from (pyproject's ``[tool.setuptools.packages.find]``).
+PACKAGES = [
+    name.rstrip("*")
+    for name in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+]
 
 
 @dataclass
@@ -217,10 +225,12 @@ def test_the_build_context_has_what_copy_needs_and_no_secret(path: Path) -> None
         for word in copy.split()[:-1]
         if not word.startswith("--")
     ]
-    assert "deploy/healthcheck.py" in sources and "producer" in sources
+    assert "deploy/healthcheck.py" in sources
+    assert set(PACKAGES) <= set(sources), "every package the wheel includes is copied"
     for source in sources:
         assert included(source, patterns), source
         assert (ROOT / source).exists(), source
     for secret in (".env", ".venv/bin/python", ".git/config", "producer/__pycache__/x.pyc"):
         assert not included(secret, patterns), secret
-    assert included("producer/job.py", patterns)
+    for package in PACKAGES:
+        assert included(f"{package}/__init__.py", patterns), package

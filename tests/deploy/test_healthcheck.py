@@ -15,8 +15,8 @@ from types import ModuleType
 
 import pytest
 
-from producer.redis_server import RedisServer
-from producer.settings import Settings, get_settings
+from embedded.redis_server import RedisServer
+from wire.settings import Settings, get_settings
 from workers.heartbeat import Heartbeat
 
 from .helpers import DEPLOY, ROOT
@@ -110,7 +110,7 @@ def test_an_expired_heartbeat_does_not_count(
     """A worker that died without stopping leaves its set member; its info key expires."""
     import redis
 
-    from producer.constants import worker_info_key
+    from wire.constants import worker_info_key
 
     heartbeat = beat(broker, model, socket.gethostname())
     client = redis.Redis.from_url(broker)
@@ -125,7 +125,7 @@ def test_an_expired_heartbeat_does_not_count(
 def test_unhealthy_when_redis_is_unreachable_or_the_setup_is_wrong(
     healthcheck: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from producer.redis_server import free_port
+    from embedded.redis_server import free_port
 
     monkeypatch.setenv("SIBYLQ_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
     get_settings.cache_clear()

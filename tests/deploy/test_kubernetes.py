@@ -14,7 +14,7 @@ import kubernetes_validate.utils as kv
 import pytest
 import yaml
 
-from producer.modelref import parse_model_ref
+from wire.modelref import parse_model_ref
 
 from .helpers import DEPLOY, longest_job_s
 

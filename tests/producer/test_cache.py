@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from producer import Models
-from producer.cache import CACHE_WORKER, cache_digest
 from producer.client import Client
-from producer.constants import cache_key
-from producer.contract import JobKind, JobSpec
 from producer.messages import build_messages
-from producer.settings import Settings
 from producer.targets import target_for
 from tests.conftest import Worker
+from wire.cache import CACHE_WORKER, cache_digest
+from wire.constants import cache_key
+from wire.contract import JobKind, JobSpec
+from wire.settings import Settings
 
 QUEUE = "sibylq.test-cache"
 TTL_S = 600

@@ -1,4 +1,4 @@
-"""Every client reaches Redis the same way (``producer.connections``): TLS verified by default
+"""Every client reaches Redis the same way (``wire.connections``): TLS verified by default
 and by all of them, ACL users that hold only sibylq's keys, and a worker that cannot use its
 URL exits non-zero, saying why."""
 
@@ -16,12 +16,12 @@ import redis
 from kombu.exceptions import OperationalError
 
 from producer import BrokerUnavailableError, Client, Job, Models, OutputValidationError, Settings
-from producer.connections import connect, endpoint
-from producer.constants import queue_name, workers_key
-from producer.errors import ConfigurationError
-from producer.status import fleet_status
+from sibylq.status import fleet_status
 from tests.conftest import Worker, wait_for
 from tests.secure_redis import Certificates, PasswordRedis, TLSRedis, make_certificates
+from wire.connections import connect, endpoint
+from wire.constants import queue_name, workers_key
+from wire.errors import ConfigurationError
 from workers.celery_app import create_app
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -10,7 +10,10 @@ import pytest
 import redis
 
 from producer import Client, ContractError, InvalidRequestError, Job, JobFailedError, JobStatus
-from producer.constants import (
+from sibylq.deadletters import retry_dead
+from tests.conftest import Worker, wait_for
+from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter, undecodable_letter
+from wire.constants import (
     DEAD_LETTERS_KEY,
     LANE_PRIORITIES,
     attempts_key,
@@ -18,17 +21,14 @@ from producer.constants import (
     queue_list_keys,
     result_key,
 )
-from producer.contract import JobSpec
-from producer.deadletters import (
+from wire.contract import JobSpec
+from wire.deadletters import (
     DeadLetter,
     list_dead,
     purge_dead,
     record,
-    retry_dead,
     undecodable_id,
 )
-from tests.conftest import Worker, wait_for
-from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter, undecodable_letter
 
 
 def ids(letters: list[DeadLetter]) -> list[str]:

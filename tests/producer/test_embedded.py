@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import redis
 
+from embedded.cluster import EmbeddedCluster, default_cluster
 from producer import Client, ConfigurationError, Models, Settings
-from producer.constants import queue_name, workers_key
-from producer.embedded import EmbeddedCluster, default_cluster
+from wire.constants import queue_name, workers_key
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 
@@ -292,7 +292,7 @@ def test_ctrl_c_stops_the_cluster_without_swallowing_keyboard_interrupt() -> Non
 def test_up_serves_until_ctrl_c() -> None:
     program = _Program(
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from producer.embedded import run_up; sys.exit(run_up(['fake']))"
+        "from embedded.cluster import run_up; sys.exit(run_up(['fake']))"
     )
     while not (line := program.line()).strip().startswith("export SIBYLQ_BROKER_URL="):
         pass

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import BrokerUnavailableError, Client, Job, Models, Settings
-from producer.constants import attempts_key, queue_list_key, queue_name
-from producer.contract import JobKind, JobSpec, Message
 from producer.enqueue import Pause, Push, enqueue_flow, try_timeout_s
-from producer.redis_server import RedisServer
 from tests.conftest import HEARTBEAT_S, Worker, wait_for
 from tests.faults import FaultyProxy, restart
+from wire.constants import attempts_key, queue_list_key, queue_name
+from wire.contract import JobKind, JobSpec, Message
 
 FAKE = queue_name("fake")
 

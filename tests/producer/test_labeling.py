@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import Client, Models
 from producer.labeling import label, label_async, make_task
-from producer.redis_server import RedisServer
 from tests.conftest import Worker
 
 PROMPT = "Is this SMS spam? {text}"
@@ -38,7 +38,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 
 def _label(env: dict[str, str], *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "producer.cli", "label", *args]
+    command = [sys.executable, "-m", "sibylq", "label", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
@@ -171,7 +171,7 @@ class TestCommand:
         out = tmp_path / "out.jsonl"
         args = [str(source), "--model", "fake:delay=0.1", "--classify", "spam,ham",
                 "--prompt", PROMPT, "-o", str(out), "--max-in-flight", "8"]  # fmt: skip
-        command = [sys.executable, "-m", "producer.cli", "label", *args]
+        command = [sys.executable, "-m", "sibylq", "label", *args]
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while (not out.exists() or len(out.read_text().splitlines()) < 10) and (

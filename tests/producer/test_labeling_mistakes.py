@@ -19,12 +19,12 @@ from typing import Any, Literal
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import Client, InvalidRequestError, Models, NoWorkerError
-from producer.constants import queue_name
 from producer.labeling import label, make_task
 from producer.labeling.manifest import manifest_path
-from producer.redis_server import RedisServer
 from tests.conftest import Worker
+from wire.constants import queue_name
 
 PROMPT = "Is this SMS spam? {text}"
 SPAM_HAM = ["--model", "fake", "--classify", "spam,ham", "--prompt", PROMPT]
@@ -46,7 +46,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
 def _label(
     env: dict[str, str], *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "producer.cli", "label", *args]
+    command = [sys.executable, "-m", "sibylq", "label", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -278,7 +278,7 @@ def test_the_output_holds_one_row_per_key_made_by_the_last_command(
 
 def _command(source: Path, out: Path, command: str, *extra: str) -> list[str]:
     template, labels = COMMANDS[command]
-    return [sys.executable, "-m", "producer.cli", "label", str(source), "--model",
+    return [sys.executable, "-m", "sibylq", "label", str(source), "--model",
             "fake:delay=0.2", "--classify", ",".join(labels), "--prompt", template,
             "-o", str(out), "--max-in-flight", "2", "-q", *extra]  # fmt: skip
 

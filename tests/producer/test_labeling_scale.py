@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import Client, Models
 from producer.labeling import label_file, make_task
 from producer.labeling.progress import NoProgress
-from producer.redis_server import RedisServer
 from tests.conftest import Worker
 
 ROWS = int(os.environ.get("SIBYLQ_TEST_LABEL_ROWS", "20000"))

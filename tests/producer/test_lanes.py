@@ -8,9 +8,9 @@ import pytest
 
 from producer import Models
 from producer.client import Client
-from producer.errors import InvalidRequestError
 from producer.job import JobStatus
 from tests.conftest import Worker
+from wire.errors import InvalidRequestError
 
 QUEUE = "sibylq.test-lanes"
 

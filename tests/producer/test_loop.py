@@ -16,11 +16,11 @@ import pytest
 import redis
 
 from benchmarks.loop_lag import LagProbe
+from embedded.redis_server import RedisServer
 from producer import Client, Models, Settings
-from producer.constants import attempts_key
-from producer.redis_server import RedisServer
 from tests.conftest import HEARTBEAT_S, Worker
 from tests.faults import FaultyProxy
+from wire.constants import attempts_key
 
 REPO = Path(__file__).resolve().parents[2]
 

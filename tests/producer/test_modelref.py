@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from producer.errors import UnknownModelError
-from producer.modelref import parse_model_ref, serves
+from producer import Models
+from wire.errors import ConfigurationError, UnknownModelError
+from wire.modelref import fake_delay_s, parse_model_ref, serves
 
 
 @pytest.mark.parametrize(
@@ -59,3 +60,18 @@ def test_a_worker_serves_its_own_models_only(
     worker_model: str, job_model: str, served: bool
 ) -> None:
     assert serves(worker_model, job_model) is served
+
+
+@pytest.mark.parametrize(
+    "options", [{"delay": "-1"}, {"delay": "soon"}, {"delay": "nan"}, {"x": "1"}]
+)
+def test_fake_options_are_checked_in_one_place(options: dict[str, str]) -> None:
+    with pytest.raises(ConfigurationError, match="fake"):
+        fake_delay_s(options)
+    with pytest.raises(ConfigurationError, match="fake"):
+        Models.create("fake:" + ",".join(f"{k}={v}" for k, v in options.items()))
+
+
+def test_a_fake_delay_is_seconds() -> None:
+    assert fake_delay_s({"delay": "0.25"}) == 0.25
+    assert fake_delay_s({}) == 0.0

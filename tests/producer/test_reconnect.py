@@ -12,8 +12,8 @@ import time
 
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import Client, Models
-from producer.redis_server import RedisServer
 from tests.conftest import Worker, connection_ids
 
 

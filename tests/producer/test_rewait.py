@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer import Client, Envelope, Job, Models
-from producer.cache import store_as_result
-from producer.contract import Timings, Usage
 from tests.conftest import Worker
+from wire.cache import store_as_result
+from wire.contract import Timings, Usage
 
 
 async def test_a_resolved_handle_awaited_again_answers_at_once(

@@ -6,8 +6,8 @@ import asyncio
 import threading
 from typing import Any
 
+from embedded.redis_server import RedisServer
 from producer import Client, Models
-from producer.redis_server import RedisServer
 from tests.conftest import Worker, connection_ids
 
 N_JOBS = 10_000

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer, free_port
 from producer import Client, Job, JobFailedError, Models, Settings
-from producer.constants import failures_key, queue_list_keys, queue_name
-from producer.contract import JobKind, JobSpec, Message
-from producer.redact import redact_url
-from producer.redis_server import RedisServer, free_port
-from producer.status import fleet_status, job_created_at
+from sibylq.status import fleet_status, job_created_at
 from tests.conftest import HEARTBEAT_S, Worker
+from wire.constants import failures_key, queue_list_keys, queue_name
+from wire.contract import JobKind, JobSpec, Message
+from wire.redact import redact_url
 
 SERVED = queue_name("fake", "status")
 UNSERVED = queue_name("fake", "status-unserved")
@@ -34,7 +34,7 @@ def sibylq_status(*args: str, broker_url: str | None) -> subprocess.CompletedPro
     if broker_url is not None:
         env["SIBYLQ_BROKER_URL"] = broker_url
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", "status", *args],
+        [sys.executable, "-m", "sibylq", "status", *args],
         env=env,
         capture_output=True,
         text=True,

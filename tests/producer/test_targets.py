@@ -9,8 +9,8 @@ import pydantic
 import pytest
 from typing_extensions import TypedDict
 
-from producer.errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
 from producer.targets import classify_target, json_target, target_for
+from wire.errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
 
 
 @dataclasses.dataclass

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from producer.errors import BrokerUnavailableError, JobTimeoutError, NoWorkerError
 from producer.waiting import UNREACHABLE, CheckWorkers, Wait, WaitPlan, wait_flow
+from wire.errors import BrokerUnavailableError, JobTimeoutError, NoWorkerError
 
 DONE = json.dumps({"status": "SUCCESS", "result": 1}).encode()
 STARTED = json.dumps({"status": "STARTED", "result": None}).encode()

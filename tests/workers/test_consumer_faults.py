@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import Client, Job, JobFailedError, Models, Settings
-from producer.constants import TASK_NAME, queue_name, result_key, workers_key
-from producer.deadletters import DeadLetter, list_dead, undecodable_id
-from producer.redis_server import RedisServer
 from tests.conftest import Worker, wait_for
 from tests.faults import FaultyProxy, restart
+from wire.constants import TASK_NAME, queue_name, result_key, workers_key
+from wire.deadletters import DeadLetter, list_dead, undecodable_id
 
 QUEUE = queue_name("fake", "consumer-faults")
 TEMPLATE_QUEUE = queue_name("fake", "consumer-faults-template")  # served by no worker

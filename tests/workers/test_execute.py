@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from producer.contract import JobKind, JobSpec, Message, Usage
-from producer.errors import JobTimeLimitError, OutputValidationError
 from producer.targets import target_for
+from wire.contract import JobKind, JobSpec, Message, Usage
+from wire.errors import JobTimeLimitError, OutputValidationError
 from workers.backends.base import Completion, CompletionRequest, Deadline
 from workers.execute import Progress, decode_output, execute
 

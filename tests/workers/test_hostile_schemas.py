@@ -1,6 +1,6 @@
 """Hostile schemas through the public API, and pushed past it: a clear ``InvalidRequestError``
 before anything is enqueued, and a typed failure, never a crash, on a worker that gets one
-anyway (a job pushed by hand, an older producer). The rules are ``producer.schema_limits``."""
+anyway (a job pushed by hand, an older producer). The rules are ``wire.schema_limits``."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import redis
 from pydantic import BaseModel
 
+from embedded.redis_server import RedisServer
 from producer import Client, InvalidRequestError, JobFailedError, Models, OutputValidationError
-from producer.constants import attempts_key, queue_list_keys, queue_name
-from producer.contract import GenConf, JobKind, JobSpec, Message
 from producer.job import Job
-from producer.redis_server import RedisServer
-from producer.schema_limits import MAX_DEPTH
 from tests.conftest import Worker
+from wire.constants import attempts_key, queue_list_keys, queue_name
+from wire.contract import GenConf, JobKind, JobSpec, Message
+from wire.schema_limits import MAX_DEPTH
 
 #: No worker serves it: what the producer refuses must not be waiting there.
 UNSERVED = queue_name("fake", "hostile-unserved")

@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from producer import Client, Settings
-from producer.constants import queue_name, result_key
-from producer.contract import Envelope, Failure, JobKind, JobSpec, Message, Timings, Usage
-from producer.outcome import envelope_from_meta
+from wire.constants import queue_name, result_key
+from wire.contract import Envelope, Failure, JobKind, JobSpec, Message, Timings, Usage
+from wire.outcome import envelope_from_meta
 from workers.celery_app import create_app
 from workers.delivery import store_failure, store_success
 from workers.intake import MAX_NESTING, screen

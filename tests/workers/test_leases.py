@@ -14,9 +14,9 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from producer.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY
-from producer.redis_server import RedisServer
-from producer.settings import Settings
+from embedded.redis_server import RedisServer
+from wire.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY
+from wire.settings import Settings
 from workers.celery_app import broker_transport_options, hard_time_limit_s
 from workers.leases import LeaseKeeper
 

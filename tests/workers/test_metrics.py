@@ -18,11 +18,11 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedded.redis_server import RedisServer, free_port
 from producer import Client, Job, JobFailedError, Models, Settings
-from producer.constants import queue_name, result_key, worker_info_key, workers_key
-from producer.contract import JobKind, JobSpec, Message
-from producer.redis_server import RedisServer, free_port
 from tests.conftest import Worker, wait_for
+from wire.constants import queue_name, result_key, worker_info_key, workers_key
+from wire.contract import JobKind, JobSpec, Message
 from workers.metrics import WorkerCollector
 
 T = TypeVar("T")

@@ -12,10 +12,10 @@ from typing import Any
 import openai
 import pytest
 
-from producer.contract import GenConf, Message
-from producer.errors import BackendError, PromptTooLongError
-from producer.settings import Settings
 from tests.openai_stub import MODELS, OpenAIStub
+from wire.contract import GenConf, Message
+from wire.errors import BackendError, PromptTooLongError
+from wire.settings import Settings
 from workers.backends.base import CompletionRequest, RetryLater
 from workers.backends.openai_api import OpenAIBackend, forget_modes, remembered_mode
 

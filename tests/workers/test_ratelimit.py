@@ -18,10 +18,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producer.constants import rate_limit_keys
-from producer.contract import Message
-from producer.redis_server import RedisServer, free_port
-from producer.settings import RateLimit
+from embedded.redis_server import RedisServer, free_port
+from wire.constants import rate_limit_keys
+from wire.contract import Message
+from wire.settings import RateLimit
 from workers.ratelimit import KEY_MARGIN_MS, Grant, RateLimiter, estimate_tokens, scope_for
 
 #: Rounding in Redis (ms with 3 decimals) and clock drift over a few seconds.

@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+from embedded.redis_server import RedisServer
 from producer import BackendError, Client, Job, JobTimeLimitError, Models, Settings
-from producer.constants import TASK_NAME, attempts_key, queue_name, result_key, workers_key
-from producer.redis_server import RedisServer
 from tests.conftest import Worker, wait_for
 from tests.faults import restart
+from wire.constants import TASK_NAME, attempts_key, queue_name, result_key, workers_key
 
 T = TypeVar("T")
 

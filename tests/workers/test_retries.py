@@ -11,17 +11,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from embedded.redis_server import RedisServer
 from producer import Models
 from producer.client import Client
-from producer.constants import rate_limit_keys
-from producer.deadletters import list_dead
-from producer.errors import BackendError, OutputValidationError
 from producer.job import JobStatus
 from producer.models import Model
-from producer.redis_server import RedisServer
-from producer.settings import Settings
 from tests.conftest import Worker, wait_for
 from tests.openai_stub import Chaos, Exchange, OpenAIStub
+from wire.constants import rate_limit_keys
+from wire.deadletters import list_dead
+from wire.errors import BackendError, OutputValidationError
+from wire.settings import Settings
 from workers.ratelimit import scope_for
 
 API_KEY = "sk-test-retries"

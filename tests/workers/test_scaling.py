@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from producer import Client, Models
-from producer.constants import queue_name
 from tests.conftest import Worker
+from wire.constants import queue_name
 
 QUEUE = queue_name("fake", "scaling")
 

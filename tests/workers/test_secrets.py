@@ -11,12 +11,12 @@ import pytest
 import redis
 
 from producer import BackendError, BrokerUnavailableError, Client, Models, Settings
-from producer.constants import dead_letter_key, queue_name, result_key
-from producer.contract import Failure
-from producer.redact import redact, redact_url, secrets_of
 from tests.conftest import Worker, wait_for
 from tests.openai_stub import OpenAIStub
 from tests.secure_redis import PasswordRedis
+from wire.constants import dead_letter_key, queue_name, result_key
+from wire.contract import Failure
+from wire.redact import redact, redact_url, secrets_of
 from workers.redacting import redacted_failure
 
 API_KEY = "sk-proj-7f3Kq9ZxR2mW8vT1nB4cY6dH0jL5pA"

@@ -9,8 +9,8 @@ from pathlib import Path
 from celery import Celery
 
 from producer import Client, Models
-from producer.constants import TASK_NAME, queue_name
 from tests.conftest import Worker
+from wire.constants import TASK_NAME, queue_name
 
 
 class _RunsCodeWhenUnpickled:

@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from producer import Client, JobStatus, Models
-from producer.constants import queue_name, workers_key
 from tests.conftest import Worker, wait_for
+from wire.constants import queue_name, workers_key
 from workers.supervisor import split_concurrency
 
 QUEUE = queue_name("fake", "supervised")
@@ -105,7 +105,7 @@ def test_processes_are_refused_for_a_prefork_pool_with_a_clear_error(
     worker_env: dict[str, str],
 ) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "worker", "fake", "-P", "prefork", "--processes",
+        [sys.executable, "-m", "sibylq", "worker", "fake", "-P", "prefork", "--processes",
          "2"],
         env=worker_env,
         capture_output=True,

@@ -11,9 +11,9 @@ from collections.abc import Callable
 import pytest
 
 from producer import Client, JobTimeLimitError, Models
-from producer.constants import attempts_key
 from tests.conftest import HEARTBEAT_S, Worker, wait_for
 from tests.openai_stub import OpenAIStub
+from wire.constants import attempts_key
 
 QUEUE = "sibylq.test-time-limits"
 LIMIT_S = 2.0

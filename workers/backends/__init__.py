@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from producer.errors import UnknownModelError
-from producer.settings import Settings
+from wire.errors import UnknownModelError
+from wire.settings import Settings
 
 from .base import Backend, Completion, CompletionRequest, Deadline, RetryLater
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from producer.contract import GenConf, Message, Usage
-from producer.errors import JobTimeLimitError
+from wire.contract import GenConf, Message, Usage
+from wire.errors import JobTimeLimitError
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,27 @@ class RetryLater(Exception):  # noqa: N818 - a signal, not an error
 
 
 class Backend(Protocol):
-    """Runs one completion. Raises producer.errors.JobFailedError subclasses on failure
+    """Runs one completion. Raises wire.errors.JobFailedError subclasses on failure
     (``JobTimeLimitError`` when the request's deadline passes), and ``RetryLater`` when the same
     request may succeed later."""
 
     def complete(self, request: CompletionRequest) -> Completion: ...
+
+
+#: What a backend tells the model when it asks for JSON following a schema. Small models follow
+#: a grammar or a response format far better when told what it is for.
+SCHEMA_INSTRUCTION = "Answer only with a JSON object that follows this JSON schema:\n{schema}"
+
+
+def with_schema_instruction(
+    messages: list[dict[str, str]], schema: dict[str, Any]
+) -> list[dict[str, str]]:
+    """``messages`` with ``SCHEMA_INSTRUCTION`` appended to the first system message (or as a
+    system message of its own, first)."""
+    instruction = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
+    for index, message in enumerate(messages):
+        if message["role"] == "system":
+            content = f"{message['content']}\n\n{instruction}"
+            system = {"role": "system", "content": content}
+            return [*messages[:index], system, *messages[index + 1 :]]
+    return [{"role": "system", "content": instruction}, *messages]

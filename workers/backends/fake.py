@@ -10,8 +10,9 @@ import json
 import time
 from typing import Any
 
-from producer.contract import Usage
-from producer.errors import BackendError, ConfigurationError
+from wire.contract import Usage
+from wire.errors import BackendError
+from wire.modelref import fake_delay_s
 
 from .base import Completion, CompletionRequest
 
@@ -27,7 +28,7 @@ _FORMAT_EXAMPLES = {
 
 class FakeBackend:
     def complete(self, request: CompletionRequest) -> Completion:
-        delay_s = _delay_s(request.options)
+        delay_s = fake_delay_s(request.options)
         deadline = request.deadline
         if deadline is not None and delay_s >= deadline.remaining_s():
             time.sleep(max(0.0, deadline.remaining_s()))
@@ -44,17 +45,6 @@ class FakeBackend:
             usage=Usage(prompt_tokens=_word_count(request), completion_tokens=len(text.split())),
             model="fake",
         )
-
-
-def _delay_s(options: Any) -> float:
-    raw = options.get("delay", "0")
-    try:
-        delay = float(raw)
-    except ValueError:
-        delay = -1.0
-    if delay < 0:
-        raise ConfigurationError(f"fake:delay must be a number of seconds >= 0, not {raw!r}")
-    return delay
 
 
 def _word_count(request: CompletionRequest) -> int:

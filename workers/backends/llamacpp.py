@@ -18,17 +18,15 @@ from typing import Any
 from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from producer.contract import Message, Usage
-from producer.errors import BackendError, ConfigurationError, PromptTooLongError
-from producer.modelref import model_stem, parse_model_ref
-from producer.settings import Settings
+from wire.contract import Message, Usage
+from wire.errors import BackendError, ConfigurationError, PromptTooLongError
+from wire.modelref import model_stem, parse_model_ref
+from wire.settings import Settings
 
 from ..model_files import resolve_model_path
-from .base import Completion, CompletionRequest
+from .base import Completion, CompletionRequest, with_schema_instruction
 
 log = logging.getLogger(__name__)
-
-_SCHEMA_INSTRUCTION = "Answer only with a JSON object that follows this JSON schema:\n{schema}"
 
 
 class LlamaCppBackend:
@@ -113,11 +111,4 @@ def _grammar(schema_json: str) -> LlamaGrammar:
 
 def _chat_messages(messages: tuple[Message, ...], schema: dict[str, Any] | None) -> list[Any]:
     chat = [message.model_dump() for message in messages]
-    if schema is None:
-        return chat
-    instruction = _SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
-    if chat[0]["role"] == "system":
-        chat[0] = {"role": "system", "content": f"{chat[0]['content']}\n\n{instruction}"}
-    else:
-        chat.insert(0, {"role": "system", "content": instruction})
-    return chat
+    return chat if schema is None else with_schema_instruction(chat, schema)

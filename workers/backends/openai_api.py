@@ -35,7 +35,6 @@ limiter further away than that is waited for parked in Redis.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -44,14 +43,14 @@ from typing import Any, Literal
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessage
 
-from producer.contract import GenConf, Message, Usage
-from producer.errors import BackendError, JobFailedError, PromptTooLongError
-from producer.redact import redact, redact_url
-from producer.settings import RateLimit, Settings
+from wire.contract import GenConf, Message, Usage
+from wire.errors import BackendError, JobFailedError, PromptTooLongError
+from wire.redact import redact, redact_url
+from wire.settings import RateLimit, Settings
 
 from ..ratelimit import RateLimiter, estimate_tokens, scope_for
 from ..store import result_redis
-from .base import Completion, CompletionRequest, Deadline, RetryLater
+from .base import Completion, CompletionRequest, Deadline, RetryLater, with_schema_instruction
 from .retry_after import server_delay_s
 
 Mode = Literal["json_schema", "tools", "json_object"]
@@ -63,7 +62,6 @@ MODES: tuple[Mode, ...] = ("json_schema", "tools", "json_object")
 PLACEHOLDER_API_KEY = "sk-no-key-required"
 
 _OUTPUT_NAME = "output"
-_SCHEMA_INSTRUCTION = "Answer only with a JSON value that follows this JSON schema:\n{schema}"
 _REFUSAL_STATUSES = frozenset({400, 422})
 _REFUSAL_WORDS = ("response_format", "json_schema", "tool")
 _CONTEXT_WORDS = ("maximum context length", "context window", "context length")
@@ -298,23 +296,8 @@ def _mode_kwargs(mode: Mode, request: CompletionRequest, schema: dict[str, Any])
         kwargs["tool_choice"] = {"type": "function", "function": {"name": _OUTPUT_NAME}}
     else:
         kwargs["response_format"] = {"type": "json_object", "schema": schema}
-        kwargs["messages"] = _with_schema_instruction(kwargs["messages"], schema)
+        kwargs["messages"] = with_schema_instruction(kwargs["messages"], schema)
     return kwargs
-
-
-def _with_schema_instruction(
-    messages: list[dict[str, str]], schema: dict[str, Any]
-) -> list[dict[str, str]]:
-    instruction = _SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
-    for index, message in enumerate(messages):
-        if message["role"] == "system":
-            content = f"{message['content']}\n\n{instruction}"
-            return [
-                *messages[:index],
-                {"role": "system", "content": content},
-                *messages[index + 1 :],
-            ]
-    return [{"role": "system", "content": instruction}, *messages]
 
 
 # -- responses and errors ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from types import TracebackType
 
 import redis
 
-from .errors import ConfigurationError
+from wire.errors import ConfigurationError
 
 
 def find_redis_server() -> str:
@@ -78,7 +78,7 @@ class RedisServer:
         return self
 
     def _popen(self, command: list[str]) -> subprocess.Popen[bytes]:
-        """Start the process (``producer.embedded`` starts it its own way)."""
+        """Start the process (``embedded.cluster`` starts it its own way)."""
         return subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
     def _wait_ready(self, timeout_s: float) -> None:

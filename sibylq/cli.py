@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import sys
@@ -17,16 +16,19 @@ from typing import Any
 
 import redis
 
-from .client import Client
-from .contract import Failure, GenConf
-from .deadletters import DeadLetter, list_dead, purge_dead, retry_dead
-from .errors import BrokerUnavailableError, InvalidRequestError, NoWorkerError, SibylqError
-from .modelref import parse_model_ref
-from .redact import redact_url
-from .redis_server import find_redis_server
-from .settings import get_settings
+from embedded.redis_server import find_redis_server
+from producer.client import Client
+from producer.version import sibylq_version
+from wire.contract import Failure, GenConf
+from wire.deadletters import DeadLetter, list_dead, purge_dead
+from wire.errors import BrokerUnavailableError, InvalidRequestError, NoWorkerError, SibylqError
+from wire.modelref import parse_model_ref
+from wire.redact import redact_url
+from wire.settings import get_settings
+from workers import cli as worker_cli
+
+from .deadletters import retry_dead
 from .status import add_status_parser, format_table, run_status
-from .version import sibylq_version
 
 #: Exit statuses (``sibylq label --help`` and the README list them).
 EXIT_OK = 0
@@ -138,33 +140,10 @@ def _add_worker_parser(commands: Any) -> None:
     worker = commands.add_parser(
         "worker",
         help="start a Celery worker serving MODEL's queue",
-        description="Start a Celery worker serving MODEL's queue at SIBYLQ_BROKER_URL, with "
-        "the pool that suits the model: prefork, one job a process, for llama.cpp; threads "
-        "for remote APIs.",
-        epilog="examples:\n  export SIBYLQ_BROKER_URL=redis://localhost:6379/0\n"
-        "  sibylq worker llamacpp:smollm2\n  sibylq worker openai -c 128 --processes 2",
+        description=worker_cli.DESCRIPTION,
+        epilog=worker_cli.EPILOG,
     )
-    worker.add_argument(
-        "model",
-        metavar="MODEL",
-        help="openai[:name], llamacpp:<name or .gguf path>, or fake[:delay=S]",
-    )
-    worker.add_argument(
-        "-c", "--concurrency", type=int, metavar="N", help="jobs at once (default: 1 a "
-        "process for llama.cpp, SIBYLQ_OPENAI_CONCURRENCY for APIs, 8 for fake)"
-    )  # fmt: skip
-    worker.add_argument(
-        "-P", "--pool", help="Celery pool (default: prefork for llama.cpp, threads otherwise)"
-    )
-    worker.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
-    worker.add_argument("-l", "--loglevel", default="INFO", help="Celery's log level")
-    worker.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        metavar="N",
-        help="API workers: run N processes sharing -c, one GIL each",
-    )
+    worker_cli.add_worker_arguments(worker)
 
 
 def _add_cluster_parsers(commands: Any) -> None:
@@ -364,8 +343,8 @@ def _run_retry(args: argparse.Namespace) -> int:
 
 
 def _run_label(args: argparse.Namespace) -> int:
-    from .labeling import Reuse, label_file
-    from .labeling.progress import progress_for
+    from producer.labeling import Reuse, label_file
+    from producer.labeling.progress import progress_for
 
     task = _label_task(args)
     reuse = Reuse.RETRY_FAILED if args.retry_failed else Reuse.KEEP
@@ -411,8 +390,8 @@ def _report(summary: Any, args: argparse.Namespace) -> int:
 
 def _label_task(args: argparse.Namespace) -> Any:
     """The run's LabelTask, from the arguments; InvalidRequestError for a bad one."""
-    from .labeling import load_extract_spec, load_labels, make_task
-    from .models import Models
+    from producer.labeling import load_extract_spec, load_labels, make_task
+    from producer.models import Models
 
     if args.max_in_flight < 1:
         raise InvalidRequestError("--max-in-flight must be at least 1")
@@ -455,6 +434,8 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:  # the workers' own command, arguments and all
+        return worker_cli.main(argv[1:], prog="sibylq worker")
     args, rest = build_parser().parse_known_args(argv)
     try:
         if args.command == "redis-server":
@@ -463,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             args.command_parser.error(_unrecognized(argv, rest))
         if args.command == "up":
-            from .embedded import run_up
+            from embedded.cluster import run_up
 
             return run_up(args.models)
         if args.command in _RUNNERS:
@@ -471,18 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "queue":
             print(parse_model_ref(args.model).queue)
             return 0
-        # Imported only here: a producer install needs no worker dependencies.
-        worker_cli = importlib.import_module("workers.cli")
-        return int(
-            worker_cli.run_worker(
-                args.model,
-                concurrency=args.concurrency,
-                pool=args.pool,
-                queue=args.queue,
-                loglevel=args.loglevel,
-                processes=args.processes,
-            )
-        )
+        raise AssertionError(f"no runner for {args.command!r}")  # build_parser's commands
     except SibylqError as exc:
         print(f"sibylq: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -30,8 +30,8 @@ from typing import Any
 
 import redis
 
-from .connections import connect
-from .constants import (
+from wire.connections import connect
+from wire.constants import (
     FAILURES_RETENTION_S,
     KOMBU_PRIORITY_SEP,
     QUEUE_PREFIX,
@@ -41,9 +41,9 @@ from .constants import (
     worker_info_key,
     workers_key,
 )
-from .errors import BrokerUnavailableError, ConfigurationError
-from .redact import redact_url
-from .settings import Settings, get_settings
+from wire.errors import BrokerUnavailableError, ConfigurationError
+from wire.redact import redact_url
+from wire.settings import Settings, get_settings
 
 #: ``--window`` default, minutes.
 DEFAULT_WINDOW_MIN = 60

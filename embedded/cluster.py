@@ -1,7 +1,7 @@
 """The zero-config default: a private Redis and the workers a program needs, as child processes.
 
 ``EmbeddedCluster`` starts a ``redis-server`` on a free port of 127.0.0.1 and, on demand, one
-``python -m producer.cli worker MODEL`` per queue (so the workers get the same pool defaults
+``python -m workers MODEL`` per queue (so the workers get the same pool defaults
 as ``sibylq worker``; this module never imports ``workers``). ``default_cluster()`` is the
 process-wide one, started on first use; ``run_up()`` is the body of ``sibylq up MODEL...``.
 
@@ -67,9 +67,10 @@ from typing import IO, Any, TypeVar
 
 import redis
 
-from .constants import workers_key
-from .errors import ConfigurationError
-from .modelref import ModelRef, parse_model_ref
+from wire.constants import workers_key
+from wire.errors import ConfigurationError
+from wire.modelref import ModelRef, parse_model_ref
+
 from .redis_server import RedisServer
 
 T = TypeVar("T")
@@ -361,7 +362,7 @@ class EmbeddedCluster:
     def _start_worker(self, model: str, ref: ModelRef, concurrency: int | None) -> _Worker:
         if concurrency is None and ref.provider == "fake":
             concurrency = 8
-        command = [sys.executable, "-m", "producer.cli", "worker", model]
+        command = [sys.executable, "-m", "workers", model]
         if concurrency is not None:
             command += ["-c", str(concurrency)]
         env = {key: value for key, value in os.environ.items() if key != "SIBYLQ_RESULT_BACKEND"}

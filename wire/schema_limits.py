@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import InvalidRequestError
+from wire.errors import InvalidRequestError
 
 MAX_DEPTH = 64
 MAX_BYTES = 256 * 1024

@@ -14,12 +14,7 @@ received (``RawMessage``: its bytes in base64, and why it was refused), under it
 it names one, else under ``undecodable_id`` of its bytes. It cannot be retried: there is no
 job to run. Version-1 letters (a job that ran and failed) are stored exactly as before.
 
-``retry_dead`` re-enqueues a dead job under its own id, queue and priority, so whoever waits
-on or later reads that id gets the new result. The steps are ordered so that a crash midway
-never loses the job: the failed result and the delivery count are deleted (a worker drops a
-delivery whose result is final, and refuses one delivered too often), the job is enqueued,
-and only then is its dead letter removed. A crash before that removal leaves the job both
-enqueued and listed; retrying it again only runs it twice.
+Re-enqueueing one is an operator's command (``sibylq.deadletters.retry_dead``).
 """
 
 from __future__ import annotations
@@ -34,10 +29,9 @@ from itertools import islice
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
-from redis import Redis, WatchError
+from redis import Redis
 
-from .client import Client
-from .constants import DEAD_LETTERS_KEY, attempts_key, dead_letter_key, result_key
+from .constants import DEAD_LETTERS_KEY, dead_letter_key
 from .contract import Failure, JobSpec
 from .errors import ContractError, InvalidRequestError
 
@@ -152,32 +146,7 @@ def list_dead(
     None). Index entries whose record expired are skipped and pruned."""
     if limit is not None and limit < 1:
         raise InvalidRequestError(f"the limit must be at least 1, not {limit}")
-    return [letter for letter, _ in islice(_scan(redis, queue), limit)]
-
-
-def retry_dead(client: Client, job_ids: Sequence[str] | None) -> list[str]:
-    """Re-enqueue the dead jobs ``job_ids`` (None: every one that can run again, oldest first)
-    under their own ids, queues and priorities; returns the ids. Raises
-    ``InvalidRequestError``, before enqueueing anything, naming the ids that are not dead
-    letters or that hold a message no worker could decode (there is no job to run)."""
-    if job_ids is None:
-        found = [(letter, raw) for letter, raw in _scan(client.redis, None) if letter.job][::-1]
-    else:
-        found = _load(client.redis, job_ids)
-        _refuse_undecodable([letter for letter, _ in found])
-    for letter, raw in found:
-        _retry(client, letter, raw)
-    return [letter.job_id for letter, _ in found]
-
-
-def _refuse_undecodable(letters: Sequence[DeadLetter]) -> None:
-    refused = [f"{one.job_id} ({one.message.reason})" for one in letters if one.message]
-    if refused:
-        raise InvalidRequestError(
-            f"cannot retry {', '.join(refused)}: no worker could decode the message, so there is "
-            "no job to run. `sibylq failed --json` shows it as received (base64); submit the job "
-            "again, or forget it with `sibylq failed --purge`"
-        )
+    return [letter for letter, _ in islice(scan(redis, queue), limit)]
 
 
 def purge_dead(redis: Redis, job_ids: Sequence[str] | None) -> int:
@@ -193,7 +162,7 @@ def purge_dead(redis: Redis, job_ids: Sequence[str] | None) -> int:
     return int(deleted)
 
 
-def _scan(redis: Redis, queue: str | None) -> Iterator[tuple[DeadLetter, bytes | str]]:
+def scan(redis: Redis, queue: str | None) -> Iterator[tuple[DeadLetter, bytes | str]]:
     """Every live dead letter (and its stored JSON), newest first, a page at a time."""
     offset = 0
     seen: set[str] = set()  # a record() meanwhile shifts the index down: skip repeats
@@ -213,7 +182,9 @@ def _scan(redis: Redis, queue: str | None) -> Iterator[tuple[DeadLetter, bytes |
                     yield letter, raw
 
 
-def _load(redis: Redis, job_ids: Sequence[str]) -> list[tuple[DeadLetter, bytes | str]]:
+def load(redis: Redis, job_ids: Sequence[str]) -> list[tuple[DeadLetter, bytes | str]]:
+    """The dead letters ``job_ids`` (and their stored JSON); raises ``InvalidRequestError``
+    naming the ids that are none."""
     unique = list(dict.fromkeys(job_ids))
     stored = redis.mget([dead_letter_key(job_id) for job_id in unique]) if unique else []
     missing = [job_id for job_id, raw in zip(unique, stored, strict=True) if raw is None]
@@ -223,33 +194,6 @@ def _load(redis: Redis, job_ids: Sequence[str]) -> list[tuple[DeadLetter, bytes 
             "`sibylq failed` lists the failed jobs"
         )
     return [(_parse(raw), raw) for raw in stored if raw is not None]
-
-
-def _retry(client: Client, letter: DeadLetter, raw: bytes | str) -> None:
-    if letter.job is None:  # refused by retry_dead
-        raise InvalidRequestError(f"dead letter {letter.job_id} holds no job")
-    client.redis.delete(result_key(letter.job_id), attempts_key(letter.job_id))
-    # A fresh created_at: its queue wait (metrics, `sibylq status`) starts now.
-    job = letter.job.model_copy(update={"created_at": datetime.now(UTC)})
-    client.submit(job, letter.queue, letter.job_id, priority=letter.priority)
-    _remove_unless_changed(client.redis, letter.job_id, raw)
-
-
-def _remove_unless_changed(redis: Redis, job_id: str, raw: bytes | str) -> None:
-    """Remove the dead letter read as ``raw``: not a newer one, recorded if the retried job
-    already failed again."""
-    key = dead_letter_key(job_id)
-    with redis.pipeline(transaction=True) as pipe:
-        try:
-            pipe.watch(key)  # type: ignore[no-untyped-call]
-            if pipe.get(key) != raw:
-                return
-            pipe.multi()
-            pipe.delete(key)
-            pipe.zrem(DEAD_LETTERS_KEY, job_id)
-            pipe.execute()
-        except WatchError:
-            return  # recorded again between the GET and the EXEC
 
 
 def _parse(raw: bytes | str) -> DeadLetter:

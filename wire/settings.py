@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     )
     redis_tls_ca_file: Path | None = Field(
         default=None,
-        description="CA bundle verifying a rediss:// server's certificate (producer.connections); "
+        description="CA bundle verifying a rediss:// server's certificate (wire.connections); "
         "unset: the system's CAs.",
     )
     redis_tls_cert_file: Path | None = Field(

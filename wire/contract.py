@@ -67,7 +67,7 @@ class JobSpec(_Frozen):
     @classmethod
     def decode(cls, data: object) -> JobSpec:
         """The job a worker received: raises ContractError for what is no JobSpec, and
-        InvalidRequestError for a schema no backend may see (``producer.schema_limits``:
+        InvalidRequestError for a schema no backend may see (``wire.schema_limits``:
         a producer checks before enqueueing, but a job may come from elsewhere)."""
         spec = _decode(cls, data)
         if spec.json_schema is not None:

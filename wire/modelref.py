@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from .constants import queue_name
-from .errors import UnknownModelError
+from .errors import ConfigurationError, UnknownModelError
 
 PROVIDERS = ("openai", "llamacpp", "fake")
 
@@ -59,6 +60,22 @@ def parse_model_ref(ref: str, *, any_api_model: bool = False) -> ModelRef:
     if not name and not optional:
         raise UnknownModelError(f"{ref!r} needs a model name, e.g. {provider}:<name>")
     return ModelRef(provider=provider, name=name, options=options)
+
+
+def fake_delay_s(options: Mapping[str, str]) -> float:
+    """The ``fake`` model's ``delay=<s>`` option, checked; raises ConfigurationError for an
+    unknown option or a delay that is not a number of seconds >= 0."""
+    unknown = set(options) - {"delay"}
+    if unknown:
+        raise ConfigurationError(f"unknown fake option(s) {sorted(unknown)}; fake takes delay=<s>")
+    raw = options.get("delay", "0")
+    try:
+        delay = float(raw)
+    except ValueError:
+        delay = -1.0
+    if not delay >= 0:  # also NaN
+        raise ConfigurationError(f"fake:delay must be a number of seconds >= 0, not {raw!r}")
+    return delay
 
 
 def _split_options(rest: str, ref: str) -> tuple[list[str], dict[str, str]]:

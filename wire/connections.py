@@ -26,9 +26,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from .errors import ConfigurationError
-from .redact import redact_url
-from .settings import Settings
+from wire.errors import ConfigurationError
+from wire.redact import redact_url
+from wire.settings import Settings
 
 SCHEMES = ("redis", "rediss")
 

@@ -1,0 +1,7 @@
+"""``python -m sibylq``: the ``sibylq`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
