@@ -295,7 +295,7 @@ class Client:
             where = redact_url(url or self.settings.broker)
             raise BrokerUnavailableError(
                 f"Redis at {where} refused this client: {self._redacted(exc)}. Check the "
-                "URL's user and password, and the user's ACL (see the README)"
+                "URL's user and password, and the user's ACL (docs/security.md)"
             ) from None
         return _failed(step, self._redacted(exc))
 

@@ -30,7 +30,7 @@ from workers import cli as worker_cli
 from .deadletters import retry_dead
 from .status import add_status_parser, format_table, run_status
 
-#: Exit statuses (``sibylq label --help`` and the README list them).
+#: Exit statuses (``sibylq label --help`` and docs/labeling.md list them).
 EXIT_OK = 0
 EXIT_ROWS_FAILED = 1
 EXIT_USAGE = 2

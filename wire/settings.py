@@ -37,7 +37,7 @@ class Price(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Configuration shared by producers and workers. See the README's table."""
+    """Configuration shared by producers and workers. Every variable is in docs/configuration.md."""
 
     model_config = SettingsConfigDict(env_prefix="SIBYLQ_", frozen=True)
 
