@@ -14,7 +14,7 @@ import json
 import threading
 from collections.abc import Generator
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from wire.contract import Envelope, JobSpec
 from wire.errors import JobFailedError
@@ -27,6 +27,7 @@ from .targets import Target, target_for
 from .waiting import UNREACHABLE, CheckWorkers, Wait, WaitFlow, WaitPlan, wait_flow
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 _ANY_JSON = Target(json_schema=None)
 
@@ -140,6 +141,28 @@ class Job(Generic[T]):
         self._enqueue = enqueue
         self._outcome: dict[str, Any] | None = None  # the stored success, once there is one
 
+    @overload
+    @classmethod
+    def from_id(
+        cls,
+        job_id: str,
+        *,
+        target: type[U],
+        model: str | None = None,
+        queue: str | None = None,
+        client: Client | None = None,
+    ) -> Job[U]: ...
+    @overload
+    @classmethod
+    def from_id(
+        cls,
+        job_id: str,
+        *,
+        target: Any = None,
+        model: str | None = None,
+        queue: str | None = None,
+        client: Client | None = None,
+    ) -> Job[Any]: ...
     @classmethod
     def from_id(
         cls,

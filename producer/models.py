@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from enum import Enum
+from typing import Any, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
@@ -26,6 +27,8 @@ from .messages import Query, build_messages
 from .targets import TEXT, Target, classify_target, json_target, target_for
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Enum)
+M = TypeVar("M", bound=BaseModel)
 GenConfLike = GenConf | Mapping[str, Any] | None
 #: ``interactive`` jobs are served before ``bulk`` ones waiting on the same queue.
 Lane = Literal["interactive", "bulk"]
@@ -125,10 +128,20 @@ class Model:
 
     # -- async twins: enqueue now, return an awaitable handle ----------------------------
 
+    @overload
+    def extract_async(self, target: type[T], query: Query, **kw: Any) -> Job[T]: ...
+    @overload
+    def extract_async(self, target: Any, query: Query, **kw: Any) -> Job[Any]: ...
     def extract_async(self, target: Any, query: Query, **kw: Any) -> Job[Any]:
         """Extract a value of Python type ``target`` (str, int, list[T], dataclass, ...)."""
         return self.submit(JobKind.EXTRACT, target_for(target), query, **kw)
 
+    @overload
+    def classify_async(self, labels: type[E], query: Query, **kw: Any) -> Job[E]: ...
+    @overload
+    def classify_async(self, labels: Sequence[str], query: Query, **kw: Any) -> Job[str]: ...
+    @overload
+    def classify_async(self, labels: Any, query: Query, **kw: Any) -> Job[Any]: ...
     def classify_async(self, labels: Any, query: Query, **kw: Any) -> Job[Any]:
         """Pick one of ``labels`` (a list of strings, an Enum or a Literal)."""
         return self.submit(JobKind.CLASSIFY, classify_target(labels), query, **kw)
@@ -139,12 +152,12 @@ class Model:
         """A JSON object, following ``json_schema`` when given."""
         return self.submit(JobKind.JSON, json_target(json_schema), query, **kw)
 
-    def dataclass_async(self, cls: Any, query: Query, **kw: Any) -> Job[Any]:
+    def dataclass_async(self, cls: type[T], query: Query, **kw: Any) -> Job[T]:
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             raise UnsupportedTargetError(f"dataclass() needs a dataclass type, not {cls!r}")
         return self.extract_async(cls, query, **kw)
 
-    def pydantic_async(self, cls: Any, query: Query, **kw: Any) -> Job[Any]:
+    def pydantic_async(self, cls: type[M], query: Query, **kw: Any) -> Job[M]:
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             raise UnsupportedTargetError(f"pydantic() needs a pydantic model class, not {cls!r}")
         return self.extract_async(cls, query, **kw)
@@ -155,9 +168,29 @@ class Model:
 
     # -- sync methods: the same call, then a blocking wait --------------------------------
 
+    @overload
+    def extract(
+        self, target: type[T], query: Query, *, timeout: float | None = None, **kw: Any
+    ) -> T: ...
+    @overload
+    def extract(
+        self, target: Any, query: Query, *, timeout: float | None = None, **kw: Any
+    ) -> Any: ...
     def extract(self, target: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
         return self._blocking(self.extract_async, timeout, target, query, **kw)
 
+    @overload
+    def classify(
+        self, labels: type[E], query: Query, *, timeout: float | None = None, **kw: Any
+    ) -> E: ...
+    @overload
+    def classify(
+        self, labels: Sequence[str], query: Query, *, timeout: float | None = None, **kw: Any
+    ) -> str: ...
+    @overload
+    def classify(
+        self, labels: Any, query: Query, *, timeout: float | None = None, **kw: Any
+    ) -> Any: ...
     def classify(
         self, labels: Any, query: Query, *, timeout: float | None = None, **kw: Any
     ) -> Any:
@@ -166,11 +199,15 @@ class Model:
     def json(self, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
         return self._blocking(self.json_async, timeout, query, **kw)
 
-    def dataclass(self, cls: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
-        return self._blocking(self.dataclass_async, timeout, cls, query, **kw)
+    def dataclass(
+        self, cls: type[T], query: Query, *, timeout: float | None = None, **kw: Any
+    ) -> T:
+        value: T = self._blocking(self.dataclass_async, timeout, cls, query, **kw)
+        return value
 
-    def pydantic(self, cls: Any, query: Query, *, timeout: float | None = None, **kw: Any) -> Any:
-        return self._blocking(self.pydantic_async, timeout, cls, query, **kw)
+    def pydantic(self, cls: type[M], query: Query, *, timeout: float | None = None, **kw: Any) -> M:
+        value: M = self._blocking(self.pydantic_async, timeout, cls, query, **kw)
+        return value
 
     def call(self, query: Query, *, timeout: float | None = None, **kw: Any) -> str:
         return str(self._blocking(self.call_async, timeout, query, **kw))

@@ -1,0 +1,52 @@
+"""What a type checker sees of sibylq's API: checked by mypy --strict in tests/test_typing.py.
+
+Never run: it only has to type-check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+from typing import Any, assert_type
+
+from pydantic import BaseModel
+
+from producer import Job, Models
+
+
+@dataclasses.dataclass
+class Person:
+    name: str
+    age: int
+
+
+class City(BaseModel):
+    name: str
+
+
+class Color(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+async def typed_calls() -> None:
+    model = Models.create("fake")
+    assert_type(model.extract(Person, "John is 42"), Person)
+    assert_type(model.extract(list[str], "three names"), list[str])
+    assert_type(model.extract(int, "how many?"), int)
+    assert_type(model.extract_async(Person, "John is 42"), Job[Person])
+    assert_type(model.extract_async(list[str], "three names"), Job[list[str]])
+    assert_type(await model.extract_async(dict[str, int], "ages"), dict[str, int])
+    assert_type(model.classify(["spam", "ham"], "WIN!"), str)
+    assert_type(model.classify(Color, "the sky"), Color)
+    assert_type(model.classify_async(["spam", "ham"], "WIN!"), Job[str])
+    assert_type(model.classify_async(Color, "the sky"), Job[Color])
+    assert_type(model.dataclass(Person, "John is 42"), Person)
+    assert_type(model.pydantic(City, "Paris"), City)
+    assert_type(model.pydantic_async(City, "Paris"), Job[City])
+    assert_type(model.call("hello"), str)
+    assert_type(model.call_async("hello"), Job[str])
+    assert_type(model.json("a dict"), Any)
+    assert_type(Job.from_id("an-id", target=Person), Job[Person])
+    assert_type(Job.from_id("an-id"), Job[Any])
+    assert_type(Job.from_id("an-id", target=Person).result(timeout=1), Person)
