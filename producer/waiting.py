@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from wire.errors import BrokerUnavailableError, JobTimeoutError, NoWorkerError
+from wire.outcome import READY
 
-READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+READY_STATES = frozenset(READY)
 
 
 @dataclass(frozen=True)

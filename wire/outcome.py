@@ -23,6 +23,16 @@ FAILURE_CARRIER = "JobFailure"
 #: Celery's states after which a job never changes again.
 READY = ("SUCCESS", "FAILURE", "REVOKED")
 
+#: Lua: ``is_final(stored)``, whether a result key's value holds one of the ``READY`` states.
+#: Every script that must not touch a finished job starts with it.
+LUA_IS_FINAL = """
+local function is_final(stored)
+  if not stored then return false end
+  local ok, meta = pcall(cjson.decode, stored)
+  return ok and type(meta) == 'table' and ({})
+end
+""".format(" or ".join(f"meta.status == '{state}'" for state in READY))
+
 #: Lua: store a job's state unless a final one is stored already, and announce it on the job's
 #: channel. The first final result stored wins: a second run of the same job (a redelivery
 #: racing the first run) can neither replace it nor wake its waiters with another value.
@@ -30,14 +40,11 @@ READY = ("SUCCESS", "FAILURE", "REVOKED")
 #: expiry (s)]. Returns 1 when stored, 0 when a final state was already there. Every write of a
 #: result goes through it: ``workers.delivery`` (successes) and the workers' Celery result
 #: backend (failures, RETRY).
-STORE_UNLESS_FINAL = """
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  local ok, meta = pcall(cjson.decode, stored)
-  if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
-      or meta.status == 'REVOKED') then
-    return 0
-  end
+STORE_UNLESS_FINAL = (
+    LUA_IS_FINAL
+    + """
+if is_final(redis.call('GET', KEYS[1])) then
+  return 0
 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -50,6 +57,7 @@ if KEYS[2] then
 end
 return 1
 """
+)
 
 
 def result_meta(job_id: str, status: str, result: Any) -> str:

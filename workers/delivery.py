@@ -40,7 +40,7 @@ from celery.exceptions import Ignore
 from wire import cache as answers
 from wire.constants import attempts_key, result_key
 from wire.contract import Envelope, Failure, JobSpec
-from wire.outcome import STORE_UNLESS_FINAL, failure_result, result_meta
+from wire.outcome import LUA_IS_FINAL, STORE_UNLESS_FINAL, failure_result, result_meta
 from wire.settings import Settings
 
 from . import metrics
@@ -62,16 +62,14 @@ class JobFailure(Exception):  # noqa: N818 - the name is part of the result cont
 # meta (JSON), result expiry (s). Returns {stored result or false, attempts, 1 if already
 # finished, cached answer or false}. STARTED is not PUBLISHed: waiters wake for final results
 # only; job.status() reads the key.
-_CHECK_IN = """
+_CHECK_IN = (
+    LUA_IS_FINAL
+    + """
 local attempts = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 local stored = redis.call('GET', KEYS[1])
-if stored then
-  local ok, meta = pcall(cjson.decode, stored)
-  if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
-      or meta.status == 'REVOKED') then
-    return {stored, attempts, 1, false}
-  end
+if is_final(stored) then
+  return {stored, attempts, 1, false}
 end
 if attempts <= tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
@@ -82,6 +80,7 @@ if KEYS[3] then
 end
 return {stored or false, attempts, 0, cached}
 """
+)
 
 
 def begin_delivery(

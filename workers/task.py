@@ -33,7 +33,6 @@ from wire.contract import Envelope, Failure, JobSpec, Usage
 from wire.deadletters import DeadLetter, RawMessage
 from wire.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
 from wire.modelref import parse_model_ref, serves
-from wire.outcome import FAILURE_CARRIER
 from wire.settings import Settings, get_settings
 
 from . import metrics
@@ -45,8 +44,6 @@ from .redacting import redacted_failure
 from .store import result_redis
 
 log = logging.getLogger(__name__)
-
-assert JobFailure.__name__ == FAILURE_CARRIER
 
 
 _backends: dict[str, Backend] = {}
