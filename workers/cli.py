@@ -57,10 +57,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def main(argv: Sequence[str] | None = None, prog: str = "python -m workers") -> int:
     """Parse the worker command's arguments and run it; a configuration error exits 2."""
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter
     )
     args = add_worker_arguments(parser).parse_args(argv)
     try:
@@ -75,6 +72,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m workers") -> 
     except SibylqError as exc:
         print(f"sibylq: error: {exc}", file=sys.stderr)
         return 2
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each option's default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 @dataclass(frozen=True)

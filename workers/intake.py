@@ -34,6 +34,7 @@ from wire import deadletters
 from wire.constants import KOMBU_PRIORITY_SEP, TASK_NAME
 from wire.contract import Failure
 from wire.deadletters import DeadLetter, RawMessage
+from wire.errors import ContractError
 from wire.settings import Settings, get_settings
 
 from .delivery import store_failure
@@ -145,7 +146,7 @@ def _check_body(body: str) -> None:
         raise MalformedError("the keyword arguments are not sibylq's")
     try:
         Progress.decode(kwargs.get("carry"))
-    except (ValueError, TypeError, AttributeError):
+    except ContractError:
         raise MalformedError("the progress carried from earlier attempts is not valid") from None
     if not isinstance(embed, dict) or any(embed.get(name) for name in _ABSENT_EMBED):
         raise MalformedError("the message asks for callbacks, a chain or a chord")
