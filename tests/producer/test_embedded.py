@@ -36,7 +36,7 @@ PARENT = textwrap.dedent(
     """
     import json, signal, sys, threading, time
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-    from producer import embedded
+    from embedded import cluster as embedded
     if sys.argv[1] == "watchdog":
         embedded._die_with_parent = lambda: None
     cluster = embedded.default_cluster()
