@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from typing import Any
 
 from celery import Celery, signals
@@ -10,6 +11,7 @@ from celery.worker import state as worker_state
 
 from wire.connections import endpoint
 from wire.constants import TASK_NAME
+from wire.redact import secrets_of
 from wire.settings import HARD_LIMIT_GRACE_S, Settings, get_settings
 
 from .broker import TRANSPORT
@@ -18,10 +20,10 @@ from .heartbeat import Heartbeat
 from .leases import LeaseKeeper
 from .metrics import WorkerMetrics, process_exited
 from .parking import Promoter
-from .redacting import redact_logs
+from .redacting import RedactingLogging
 from .results import BACKEND
 from .store import result_redis
-from .task import run_job
+from .task import Backends, JobTask, run_job
 
 #: Celery's soft time limit comes this long after the job's own (prefork pools): a job's
 #: deadline ends cooperative work first, and ends it as JobTimeLimitError, not as whatever
@@ -29,22 +31,39 @@ from .task import run_job
 SOFT_LIMIT_GRACE_S = 2.0
 
 
-def create_app(settings: Settings | None = None) -> Celery:
+class WorkerApp(Celery):
+    """The workers' Celery app. It owns its settings, the log set-up that masks their secrets
+    (``workers.redacting``) and what its worker runs beside the pool (``Observability``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        broker = endpoint(settings.broker, settings)
+        results = endpoint(settings.result_url, settings)
+        # Results go through Celery's Redis backend, except that no write replaces a final
+        # result (workers.results: when a job runs twice, the first result stored wins) and no
+        # value stored holds a secret (workers.redacting).
+        super().__init__("sibylq", broker=broker.url, backend=f"{BACKEND}+{results.url}")
+        self.settings = settings
+        self.observability = Observability(self, settings)
+        # One TLS policy for every client (wire.connections): kombu alone would not check
+        # the certificate of a bare rediss:// URL.
+        self.conf.update(
+            broker_use_ssl=broker.ssl_options() or False,
+            redis_backend_use_ssl=results.ssl_options() or False,
+        )
+
+    @cached_property
+    def log(self) -> RedactingLogging:
+        secrets = secrets_of(self.settings.broker_url, self.settings.result_backend)
+        return RedactingLogging(self, secrets)
+
+
+def create_app(settings: Settings | None = None) -> WorkerApp:
     settings = settings or get_settings()
-    broker, results = endpoint(settings.broker, settings), endpoint(settings.result_url, settings)
-    # Results go through Celery's Redis backend, except that no write replaces a final result
-    # (workers.results: when a job runs twice, the first result stored wins) and no value
-    # stored holds a secret (workers.redacting).
-    app = Celery("sibylq", broker=broker.url, backend=f"{BACKEND}+{results.url}")
-    redact_logs(settings.broker_url, settings.result_backend)
+    app = WorkerApp(settings)
     app.conf.update(
         # kombu's Redis transport, screening every entry before it is decoded and closing
         # cleanly when a connection dies mid-read (workers.broker).
         broker_transport=TRANSPORT,
-        # One TLS policy for every client (wire.connections): kombu alone would not
-        # check the certificate of a bare rediss:// URL.
-        broker_use_ssl=broker.ssl_options() or False,
-        redis_backend_use_ssl=results.ssl_options() or False,
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",
         result_serializer="json",
@@ -90,13 +109,15 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.task(
         name=TASK_NAME,
         bind=True,
+        base=JobTask,
+        settings=settings,
+        backends=Backends(settings),
         track_started=False,
         ignore_result=True,
         store_errors_even_if_ignored=True,
     )(run_job)
     # A delivery of a job this worker is already running waits for that run (workers.consumer).
     app.steps["consumer"].add(HoldDuplicates)
-    _attach_observability(app, settings)
     return app
 
 
@@ -119,37 +140,37 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return {"visibility_timeout": settings.broker_visibility_timeout_s}
 
 
-def _attach_observability(app: Celery, settings: Settings) -> None:
+class Observability:
     """Heartbeats, leases, metrics and the promoter of parked jobs, run by the worker's main
-    process.
+    process for its app.
 
-    ``worker_init`` comes before the pool starts (prefork forks its children then): the
-    metrics directory must exist by then for the children to write to it. ``worker_ready``
-    comes once the pool and the consumer run: the metrics server and the heartbeat start,
-    the heartbeat carrying the port actually bound (``SIBYLQ_METRICS_PORT=0``).
+    ``prepare`` comes at ``worker_init``, before the pool starts (prefork forks its children
+    then): the metrics directory must exist by then for the children to write to it.
+    ``start`` comes at ``worker_ready``, once the pool and the consumer run: the metrics
+    server and the heartbeat start, the heartbeat carrying the port actually bound
+    (``SIBYLQ_METRICS_PORT=0``). ``stop`` stops them, last started first.
     """
-    exporters: list[WorkerMetrics] = []
-    running: list[WorkerMetrics | Heartbeat | LeaseKeeper | Promoter] = []  # stopped last first
 
-    @signals.worker_init.connect(weak=False)
-    def prepare(sender: Any, **_: Any) -> None:
-        if sender.app is app:
-            exporters.append(WorkerMetrics(settings))
-            running.append(exporters[-1])
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self._app = app
+        self._settings = settings
+        self._exporter: WorkerMetrics | None = None
+        self._running: list[WorkerMetrics | Heartbeat | LeaseKeeper | Promoter] = []
 
-    @signals.worker_ready.connect(weak=False)
-    def start(sender: Any, **_: Any) -> None:
-        if sender.app is not app:
-            return
-        queues = sorted(app.amqp.queues.consume_from.keys())
-        pool, concurrency = describe_pool(sender.controller)
+    def prepare(self) -> None:
+        self._exporter = WorkerMetrics(self._settings)
+        self._running.append(self._exporter)
+
+    def start(self, worker: Any) -> None:
+        queues = sorted(self._app.amqp.queues.consume_from.keys())
+        pool, concurrency = describe_pool(worker.controller)
         port = None
-        if exporters:
-            exporters[-1].serve(queues, running=jobs_running, concurrency=concurrency)
-            port = exporters[-1].port
+        if self._exporter is not None:
+            self._exporter.serve(queues, running=jobs_running, concurrency=concurrency)
+            port = self._exporter.port
         beat = Heartbeat(
-            settings,
-            sender.hostname,
+            self._settings,
+            worker.hostname,
             queues,
             pool=pool,
             concurrency=concurrency,
@@ -158,21 +179,47 @@ def _attach_observability(app: Celery, settings: Settings) -> None:
         )
         beat.beat()
         beat.start()
-        leases = LeaseKeeper(app, settings)
+        leases = LeaseKeeper(self._app, self._settings)
         leases.start()
-        promoter = Promoter(result_redis(settings), app)
+        promoter = Promoter(result_redis(self._settings), self._app)
         promoter.start()
-        running.extend((beat, leases, promoter))
+        self._running.extend((beat, leases, promoter))
 
-    @signals.worker_shutdown.connect(weak=False)
-    def stop(sender: Any, **_: Any) -> None:
-        while running:
-            running.pop().stop()
+    def stop(self) -> None:
+        while self._running:
+            self._running.pop().stop()
 
-    @signals.worker_process_shutdown.connect(weak=False)
-    def process_exit(pid: int | None = None, **_: Any) -> None:
-        # In a prefork child, as it exits (not when it is killed).
-        process_exited(pid if pid is not None else os.getpid())
+
+# Celery's worker signals, connected once per process: each is handed to the app it is about.
+
+
+def _observability(sender: Any) -> Observability | None:
+    app = getattr(sender, "app", None)
+    return app.observability if isinstance(app, WorkerApp) else None
+
+
+@signals.worker_init.connect(weak=False, dispatch_uid="sibylq.worker_init")
+def _prepare(sender: Any, **_: Any) -> None:
+    if (observability := _observability(sender)) is not None:
+        observability.prepare()
+
+
+@signals.worker_ready.connect(weak=False, dispatch_uid="sibylq.worker_ready")
+def _start(sender: Any, **_: Any) -> None:
+    if (observability := _observability(sender)) is not None:
+        observability.start(sender)
+
+
+@signals.worker_shutdown.connect(weak=False, dispatch_uid="sibylq.worker_shutdown")
+def _stop(sender: Any, **_: Any) -> None:
+    if (observability := _observability(sender)) is not None:
+        observability.stop()
+
+
+@signals.worker_process_shutdown.connect(weak=False, dispatch_uid="sibylq.process_shutdown")
+def _process_exit(pid: int | None = None, **_: Any) -> None:
+    # In a prefork child, as it exits (not when it is killed).
+    process_exited(pid if pid is not None else os.getpid())
 
 
 def jobs_running() -> int:

@@ -9,8 +9,8 @@ whatever raised it:
 - ``RedactingRedisBackend``: Celery's Redis result backend, masking every value it stores
   (the result, its traceback, a RETRY's reason) before it is SET and PUBLISHed;
 - ``redacted_failure``: a failure as it is stored and kept as a dead letter;
-- ``redact_logs``: every handler Celery sets up (the worker's log, its pool processes', the
-  task logger's) formats through ``RedactingFormatter``.
+- ``RedactingLogging``: every handler Celery sets up (the worker's log, its pool processes',
+  the task logger's) formats through ``RedactingFormatter``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
+from celery.app.log import Logging
 from celery.backends.redis import RedisBackend
+from celery.utils.log import ColorFormatter
 
 from wire.contract import Failure
 from wire.redact import redact, secrets_of
@@ -67,17 +69,28 @@ class RedactingFormatter(logging.Formatter):
         return redact(self.inner.format(record), self.secrets)
 
 
-def redact_logs(*urls: str | None) -> None:
-    """From now on, redact the output of every handler Celery sets up in this process."""
-    secrets = secrets_of(*urls)
+class RedactingLogging(Logging):
+    """Celery's logging set-up for an app whose URLs hold secrets: every handler it installs
+    (the worker's log, its pool processes', the task logger's) formats through
+    ``RedactingFormatter``. An app uses it as its ``log_cls``: nothing is connected to a
+    process-wide signal."""
 
-    def wrap(logger: logging.Logger | None = None, **_: Any) -> None:
-        logger = logger or logging.getLogger()
-        also = [logging.getLogger("multiprocessing")] if logger is logging.getLogger() else []
-        for handler in [handler for each in (logger, *also) for handler in each.handlers]:
+    def __init__(self, app: Celery, secrets: tuple[str, ...]) -> None:
+        super().__init__(app)
+        self.secrets = secrets
+
+    def setup_handlers(
+        self,
+        logger: logging.Logger,
+        logfile: Any,
+        format: str,
+        colorize: bool,
+        formatter: Any = ColorFormatter,
+        **kwargs: Any,
+    ) -> logging.Logger:
+        logger = super().setup_handlers(logger, logfile, format, colorize, formatter, **kwargs)
+        for handler in logger.handlers:
             if not isinstance(handler.formatter, RedactingFormatter):
                 inner = handler.formatter or logging.Formatter()
-                handler.setFormatter(RedactingFormatter(inner, secrets))
-
-    signals.after_setup_logger.connect(wrap, weak=False)
-    signals.after_setup_task_logger.connect(wrap, weak=False)
+                handler.setFormatter(RedactingFormatter(inner, self.secrets))
+        return logger

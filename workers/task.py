@@ -33,7 +33,7 @@ from wire.contract import Envelope, Failure, JobSpec, Usage
 from wire.deadletters import DeadLetter, RawMessage
 from wire.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
 from wire.modelref import parse_model_ref, serves
-from wire.settings import Settings, get_settings
+from wire.settings import Settings
 
 from . import metrics
 from .backends import Backend, Deadline, RetryLater, create_backend
@@ -46,22 +46,31 @@ from .store import result_redis
 log = logging.getLogger(__name__)
 
 
-_backends: dict[str, Backend] = {}
-_backends_lock = threading.Lock()
+class Backends:
+    """This worker process's backends, one per provider, each built on first use from the
+    worker's settings: models and HTTP clients load once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._built: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+
+    def for_provider(self, provider: str) -> Backend:
+        with self._lock:
+            if provider not in self._built:
+                self._built[provider] = create_backend(provider, self._settings)
+            return self._built[provider]
 
 
-def backend_for(provider: str, settings: Settings) -> Backend:
-    """One backend per provider per worker process: models and HTTP clients load once.
-    (``settings`` are the process's own: they never change within it.)"""
-    with _backends_lock:
-        if provider not in _backends:
-            _backends[provider] = create_backend(provider, settings)
-        return _backends[provider]
+class JobTask(Task[Any, Any]):
+    """The class of the one task: it owns the worker's settings and backends (given by
+    ``workers.celery_app.create_app``), so a job reads no process-wide state."""
+
+    settings: Settings
+    backends: Backends
 
 
-def run_job(
-    task: Task[Any, Any], payload: dict[str, Any], carry: dict[str, Any] | None = None
-) -> None:
+def run_job(task: JobTask, payload: dict[str, Any], carry: dict[str, Any] | None = None) -> None:
     """Celery entry point. Known failures become a JobFailure the producer can type, and a
     dead letter (``wire.deadletters``); a job to retry later is parked (``workers.parking``).
 
@@ -98,8 +107,8 @@ class _Run:
     """One delivery: its job, its progress, and its bookkeeping (metrics, failure counts,
     dead letters, parking)."""
 
-    def __init__(self, task: Task[Any, Any], payload: dict[str, Any], progress: Progress) -> None:
-        self.settings = get_settings()
+    def __init__(self, task: JobTask, payload: dict[str, Any], progress: Progress) -> None:
+        self.settings = task.settings
         self.task = task
         self.payload = payload
         self.progress = progress
@@ -127,7 +136,7 @@ class _Run:
         worker = host(self.task)
         if cached is not None:
             return cached.model_copy(update={"worker": worker})
-        backend = backend_for(parse_model_ref(spec.model).provider, self.settings)
+        backend = self.task.backends.for_provider(parse_model_ref(spec.model).provider)
         reask_max = self.settings.reask_max
         return execute(spec, backend, worker, self.progress, reask_max, self.deadline)
 
