@@ -67,6 +67,8 @@ class Client:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self._configured = settings or get_settings()
+        self._settings: Settings | None = None  # resolved by connect()
+        self._connect_lock = threading.Lock()
         self._cluster: EmbeddedCluster | None = None
         self._served_queues: set[str] = set()
         self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultListener]
@@ -75,10 +77,18 @@ class Client:
         self._starts: dict[str, Future[None]] = {}  # ensure_worker_async's, by queue
         self._starts_lock = threading.Lock()
 
-    @cached_property
-    def settings(self) -> Settings:
-        """The settings in force. With no broker configured, this starts the embedded
-        cluster (a private Redis, and workers on demand) on first use."""
+    def connect(self) -> Settings:
+        """The settings in force. With no broker configured, the first call starts the
+        embedded cluster (a private Redis, and workers on demand); later calls return its
+        settings."""
+        if self._settings is not None:
+            return self._settings
+        with self._connect_lock:
+            if self._settings is None:
+                self._settings = self._resolve()
+            return self._settings
+
+    def _resolve(self) -> Settings:
         if self._configured.broker_url is not None:
             return self._configured
         from embedded.cluster import default_cluster
@@ -91,7 +101,7 @@ class Client:
         """On the embedded cluster, start a worker for ``model`` if none serves it yet."""
         if queue in self._served_queues:
             return
-        self.settings  # noqa: B018 - resolving the settings starts the cluster if there is one
+        self.connect()  # starts the embedded cluster if there is one
         if self._cluster is not None:
             if queue != model.queue:
                 raise ConfigurationError(
@@ -103,7 +113,8 @@ class Client:
 
     @cached_property
     def celery(self) -> Celery:
-        broker = endpoint(self.settings.broker, self.settings)
+        settings = self.connect()
+        broker = endpoint(settings.broker, settings)
         app = Celery("sibylq-producer", broker=broker.url, set_as_current=False)
         app.conf.update(
             broker_use_ssl=broker.ssl_options() or False,  # wire.connections' TLS policy
@@ -111,9 +122,7 @@ class Client:
             accept_content=["json"],
             result_backend=None,
             broker_connection_retry_on_startup=True,
-            broker_transport_options={
-                "visibility_timeout": self.settings.broker_visibility_timeout_s
-            },
+            broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
             task_publish_retry_policy={
                 "max_retries": 3,
                 "interval_start": 0.2,
@@ -126,8 +135,8 @@ class Client:
     @cached_property
     def redis(self) -> redis.Redis:
         return connect(
-            self.settings.result_url,
-            self.settings,
+            (settings := self.connect()).result_url,
+            settings,
             client_name="sibylq-producer",
             socket_connect_timeout=2,
             socket_keepalive=True,
@@ -152,7 +161,7 @@ class Client:
         self, spec: JobSpec, queue: str, job_id: str, *, priority: int, once: bool
     ) -> EnqueuePlan:
         """One enqueue's message and settings, fixed before its first try."""
-        settings = self.settings
+        settings = self.connect()
         return plan_enqueue(
             self.celery,
             spec,
@@ -187,7 +196,7 @@ class Client:
                 return self.redis.get(step.key)
             if isinstance(step, StoreHit):
                 cache.store_as_result(
-                    self.redis, step.job_id, step.envelope, self.settings.result_expires_s
+                    self.redis, step.job_id, step.envelope, self.connect().result_expires_s
                 )
                 return True
             return self._push_script(keys=step.keys, args=step.args)
@@ -198,11 +207,11 @@ class Client:
         if isinstance(step, Pause):
             return await asyncio.sleep(step.seconds)
         timeout_s = self._try_timeout_s
-        enqueuer = self.listener().enqueuer(self.settings.broker, try_timeout_s=timeout_s)
+        enqueuer = self.listener().enqueuer(self.connect().broker, try_timeout_s=timeout_s)
         if isinstance(step, StoreHit):
             try:
                 async with asyncio.timeout(timeout_s):
-                    await enqueuer.store_hit(step, self.settings.result_expires_s)
+                    await enqueuer.store_hit(step, self.connect().result_expires_s)
             except RETRYABLE as exc:
                 return self._failed(step, exc)
             return True
@@ -214,14 +223,15 @@ class Client:
 
     @cached_property
     def _try_timeout_s(self) -> float:
-        return try_timeout_s(self.settings.broker_timeout_s)
+        return try_timeout_s(self.connect().broker_timeout_s)
 
     @cached_property
     def _broker_redis(self) -> BrokerRedis:
         """The connections that enqueue: without redis-py's own retries (the enqueue flow
         retries, within its budget) and with a timeout on every try."""
         timeout_s = self._try_timeout_s
-        target = endpoint(self.settings.broker, self.settings)
+        settings = self.connect()
+        target = endpoint(settings.broker, settings)
         return BrokerRedis.from_url(
             target.url,
             **target.ssl_options(),
@@ -252,9 +262,9 @@ class Client:
 
     async def ready_async(self) -> None:
         """Resolve the settings off the event loop (this may start the embedded cluster)."""
-        if "settings" not in self.__dict__:
+        if self._settings is None:
             self._before_starting()
-            await asyncio.wrap_future(_in_thread(lambda: self.settings))
+            await asyncio.wrap_future(_in_thread(self.connect))
 
     def _before_starting(self) -> None:
         if self._configured.broker_url is None:  # the embedded cluster may start in a thread
@@ -275,7 +285,7 @@ class Client:
 
     def workers_alive(self, queue: str) -> Any:
         try:
-            return count_live(self.redis, queue, self.settings.heartbeat_interval_s) > 0
+            return count_live(self.redis, queue, self.connect().heartbeat_interval_s) > 0
         except redis.RedisError:
             return UNREACHABLE
 
@@ -291,8 +301,9 @@ class Client:
         """A failed try's answer (``_failed``), redacted; a Redis that refuses this client
         (a wrong password, an ACL) fails the enqueue at once: waiting would not help."""
         if isinstance(exc, REFUSED):
-            url = self.settings.result_url if isinstance(step, ReadCache | StoreHit) else None
-            where = redact_url(url or self.settings.broker)
+            settings = self.connect()
+            url = settings.result_url if isinstance(step, ReadCache | StoreHit) else None
+            where = redact_url(url or settings.broker)
             raise BrokerUnavailableError(
                 f"Redis at {where} refused this client: {self._redacted(exc)}. Check the "
                 "URL's user and password, and the user's ACL (docs/security.md)"
@@ -300,11 +311,12 @@ class Client:
         return _failed(step, self._redacted(exc))
 
     def _endpoint(self, url: str) -> Endpoint:
-        return endpoint(url, self.settings)
+        return endpoint(url, self.connect())
 
     def _redacted(self, exc: BaseException) -> BrokerUnavailableError:
         """``exc`` as an error that holds none of the Redis passwords (``wire.redact``)."""
-        secrets = secrets_of(self.settings.broker_url, self.settings.result_backend)
+        settings = self.connect()
+        secrets = secrets_of(settings.broker_url, settings.result_backend)
         return BrokerUnavailableError(redact(f"{type(exc).__name__}: {exc}", secrets))
 
     def subscription(self, job_id: str, *, fresh: bool = False) -> Subscription:
@@ -318,8 +330,8 @@ class Client:
         listener = self._listeners.get(loop)
         if listener is None:
             listener = ResultListener(
-                self.settings.result_url,
-                heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                self.connect().result_url,
+                heartbeat_interval_s=self.connect().heartbeat_interval_s,
                 endpoint=self._endpoint,
             )
             self._listeners[loop] = listener

@@ -260,7 +260,7 @@ class Job(Generic[T]):
     # -- shared core -------------------------------------------------------------------
 
     def _flow(self, timeout: float | None) -> WaitFlow:
-        settings = self._client.settings
+        settings = self._client.connect()
         plan = WaitPlan(
             job_id=self.id,
             queue=self.queue or "",

@@ -127,7 +127,7 @@ async def label_file(
     previous = output.previous()
     needs = task.template.fields
     rows = head_read(read_rows(input_path, id_field=id_field, needs=needs))
-    summary = Summary(price=price_for(task.model.ref, task.model.client.settings))
+    summary = Summary(price=price_for(task.model.ref, task.model.client.connect()))
     results = label_rows(
         task,
         rows,

@@ -13,7 +13,7 @@ def test_a_thread_waits_for_one_job_after_another_on_one_connection(
     client: Client, fake_worker: Worker
 ) -> None:
     model = Models.create("fake", client=client)
-    url = client.settings.broker_url
+    url = client.connect().broker_url
     assert url is not None
     model.call("warm up")  # this thread's pub/sub connection is open from now on
     before = set(connection_ids(url, "sibylq-producer"))

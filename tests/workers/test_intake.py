@@ -30,7 +30,7 @@ QUEUE = queue_name("fake", "intake")  # served by no worker: entries wait there 
 @pytest.fixture
 def entries(client: Client) -> Iterator[redis.Redis]:
     """The broker, with ``QUEUE`` empty before and after the test."""
-    broker = redis.Redis.from_url(client.settings.broker)
+    broker = redis.Redis.from_url(client.connect().broker)
     broker.delete(QUEUE)
     yield broker
     broker.delete(QUEUE)

@@ -25,7 +25,7 @@ def test_a_pickled_message_is_refused_and_never_runs(
     client: Client, fake_worker: Worker, tmp_path: Path
 ) -> None:
     marker = tmp_path / "pwned"
-    attacker = Celery(broker=client.settings.broker_url, set_as_current=False)
+    attacker = Celery(broker=client.connect().broker_url, set_as_current=False)
     attacker.conf.update(task_serializer="pickle", accept_content=["pickle"], result_backend=None)
     attacker.send_task(
         TASK_NAME, args=[_RunsCodeWhenUnpickled(marker)], queue=queue_name("fake"),

@@ -57,7 +57,7 @@ def test_two_processes_each_take_half_the_concurrency_and_share_the_jobs(
     client: Client, start_worker: Callable[..., Worker]
 ) -> None:
     worker = start_worker("fake", "--processes", "2", "-c", "4", "-Q", QUEUE, queue=QUEUE)
-    url = client.settings.broker_url
+    url = client.connect().broker_url
     assert url is not None
     _wait_both_beating(url, QUEUE)
     assert len(worker.children()) == 2
