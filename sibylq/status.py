@@ -37,11 +37,11 @@ from wire.constants import (
     QUEUE_PREFIX,
     QUEUES_KEY,
     failures_key,
-    queue_list_keys,
     worker_info_key,
     workers_key,
 )
 from wire.errors import BrokerUnavailableError, ConfigurationError
+from wire.queues import read_waiting
 from wire.redact import redact_url
 from wire.settings import Settings, get_settings
 
@@ -249,20 +249,11 @@ def _waiting(
     broker: redis.Redis, queues: Sequence[str], now: float
 ) -> dict[str, tuple[int, float | None]]:
     """Each queue's waiting jobs, and the age of its oldest (the tail of each list)."""
-    with broker.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            for key in queue_list_keys(queue):
-                pipe.llen(key)
-                pipe.lindex(key, -1)
-        replies = pipe.execute()
-    per_queue = 2 * len(queue_list_keys(QUEUE_PREFIX))
     waiting = {}
-    for index, queue in enumerate(queues):
-        mine = replies[index * per_queue : (index + 1) * per_queue]
-        depth = sum(int(length) for length in mine[0::2])
-        created = [c for c in map(job_created_at, mine[1::2]) if c is not None]
+    for queue, found in zip(queues, read_waiting(broker, queues, tails=True), strict=True):
+        created = [c for c in map(job_created_at, found.tails) if c is not None]
         oldest = round(max(now - min(created).timestamp(), 0.0), 3) if created else None
-        waiting[queue] = (depth, oldest)
+        waiting[queue] = (found.depth, oldest)
     return waiting
 
 

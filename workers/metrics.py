@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import redis
 
 from wire.connections import connect
-from wire.constants import queue_list_keys
 from wire.contract import Usage
+from wire.queues import read_waiting
 from wire.settings import Settings
 
 if TYPE_CHECKING:
@@ -265,13 +265,7 @@ class WorkerCollector:
         )
 
     def _depths(self) -> list[int]:
-        with self._redis.pipeline(transaction=False) as pipe:
-            for queue in self._queues:
-                for key in queue_list_keys(queue):
-                    pipe.llen(key)
-            lengths = pipe.execute()
-        per_queue = len(lengths) // max(len(self._queues), 1)
-        return [sum(lengths[i * per_queue : (i + 1) * per_queue]) for i in range(len(self._queues))]
+        return [waiting.depth for waiting in read_waiting(self._redis, self._queues)]
 
     def close(self) -> None:
         self._redis.close()
