@@ -160,18 +160,6 @@ class _Spawner:
         return future.result()
 
 
-_spawner_lock = threading.Lock()
-_spawner_instance: _Spawner | None = None
-
-
-def _spawner() -> _Spawner:
-    global _spawner_instance
-    with _spawner_lock:
-        if _spawner_instance is None or _spawner_instance.pid != os.getpid():
-            _spawner_instance = _Spawner()  # after fork() the old thread is gone
-        return _spawner_instance
-
-
 def _die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` that sets PR_SET_PDEATHSIG, or None off Linux."""
     if sys.platform != "linux":
@@ -216,7 +204,7 @@ def _spawn(
             on_start(process)
         return process
 
-    return _spawner().call(start)
+    return _PROCESS.spawner().call(start)
 
 
 class _Redis(RedisServer):
@@ -308,7 +296,7 @@ class EmbeddedCluster:
                 except BaseException:
                     self.stop()
                     raise
-                _track(self)
+                _PROCESS.track(self)
             return self.url
 
     def _start_redis(self) -> None:
@@ -433,7 +421,7 @@ class EmbeddedCluster:
                 self._redis.stop()
                 self._redis = None
             self._stop_watchdog()
-            _untrack(self)
+            _PROCESS.untrack(self)
             if self._given_directory is None and self._directory is not None:
                 shutil.rmtree(self._directory, ignore_errors=True)
                 self._directory = None
@@ -465,39 +453,55 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-# Every started cluster, stopped at exit and on SIGTERM.
-_registry_lock = threading.RLock()  # an RLock: the SIGTERM handler takes it too
-_started: list[EmbeddedCluster] = []
+class _ProcessClusters:
+    """What belongs to this process as a whole, not to one cluster: the spawner thread, every
+    started cluster (stopped by one ``atexit`` hook and one SIGTERM handler, which are
+    process-wide by nature) and the default cluster. One instance, ``_PROCESS``."""
 
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # an RLock: the SIGTERM handler takes it too
+        self._started: list[EmbeddedCluster] = []
+        self._spawner: _Spawner | None = None
+        self._default: EmbeddedCluster | None = None
+        atexit.register(self.stop_all)
 
-def _track(cluster: EmbeddedCluster) -> None:
-    with _registry_lock:
-        if cluster not in _started:
-            _started.append(cluster)
-    install_sigterm_handler()
+    def spawner(self) -> _Spawner:
+        with self._lock:
+            if self._spawner is None or self._spawner.pid != os.getpid():
+                self._spawner = _Spawner()  # after fork() the old thread is gone
+            return self._spawner
 
+    def default(self) -> EmbeddedCluster:
+        with self._lock:
+            if self._default is None:
+                self._default = EmbeddedCluster()
+            default = self._default
+        default.start()
+        return default
 
-def _untrack(cluster: EmbeddedCluster) -> None:
-    with _registry_lock:
-        if cluster in _started:
-            _started.remove(cluster)
+    def track(self, cluster: EmbeddedCluster) -> None:
+        with self._lock:
+            if cluster not in self._started:
+                self._started.append(cluster)
+        install_sigterm_handler()
 
+    def untrack(self, cluster: EmbeddedCluster) -> None:
+        with self._lock:
+            if cluster in self._started:
+                self._started.remove(cluster)
 
-def _stop_all(lock_timeout_s: float = 5.0) -> None:
-    """Stop every started cluster, newest first. One busy in another thread for longer than
-    ``lock_timeout_s`` (starting a worker) is left to PDEATHSIG and the watchdog."""
-    with _registry_lock:
-        clusters = _started[::-1]
-    for cluster in clusters:
-        if not cluster._lock.acquire(timeout=lock_timeout_s):
-            continue
-        try:
-            cluster.stop()
-        finally:
-            cluster._lock.release()
-
-
-atexit.register(_stop_all)
+    def stop_all(self, lock_timeout_s: float = 5.0) -> None:
+        """Stop every started cluster, newest first. One busy in another thread for longer
+        than ``lock_timeout_s`` (starting a worker) is left to PDEATHSIG and the watchdog."""
+        with self._lock:
+            clusters = self._started[::-1]
+        for cluster in clusters:
+            if not cluster._lock.acquire(timeout=lock_timeout_s):
+                continue
+            try:
+                cluster.stop()
+            finally:
+                cluster._lock.release()
 
 
 def install_sigterm_handler() -> None:
@@ -511,23 +515,17 @@ def install_sigterm_handler() -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    _stop_all()
+    _PROCESS.stop_all()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)  # die of SIGTERM, as without this handler
 
 
-_default_lock = threading.Lock()
-_default: EmbeddedCluster | None = None
+_PROCESS = _ProcessClusters()
 
 
 def default_cluster() -> EmbeddedCluster:
     """The process-wide embedded cluster, started on first use and stopped at exit."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = EmbeddedCluster()
-        _default.start()
-        return _default
+    return _PROCESS.default()
 
 
 def run_up(models: list[str]) -> int:

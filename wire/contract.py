@@ -69,7 +69,7 @@ class JobSpec(_Frozen):
         """The job a worker received: raises ContractError for what is no JobSpec, and
         InvalidRequestError for a schema no backend may see (``wire.schema_limits``:
         a producer checks before enqueueing, but a job may come from elsewhere)."""
-        spec = _decode(cls, data)
+        spec = decode_model(cls, data)
         if spec.json_schema is not None:
             check_schema(spec.json_schema)
         return spec
@@ -126,7 +126,7 @@ class Envelope(_Frozen):
 
     @classmethod
     def decode(cls, data: object) -> Envelope:
-        return _decode(cls, data)
+        return decode_model(cls, data)
 
 
 class Failure(_Frozen):
@@ -146,10 +146,12 @@ class Failure(_Frozen):
 
     @classmethod
     def decode(cls, data: object) -> Failure:
-        return _decode(cls, data)
+        return decode_model(cls, data)
 
 
-def _decode(cls: type[M], data: object) -> M:
+def decode_model(cls: type[M], data: object) -> M:
+    """``data`` (parsed JSON) as a ``cls``: the one decoder of every payload the wire carries
+    or Redis keeps; anything else is a ContractError."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:

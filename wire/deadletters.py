@@ -28,11 +28,11 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from redis import Redis
 
 from .constants import DEAD_LETTERS_KEY, dead_letter_key
-from .contract import Failure, JobSpec
+from .contract import Failure, JobSpec, decode_model
 from .errors import ContractError, InvalidRequestError
 
 #: Index entries read per round trip while listing.
@@ -122,10 +122,7 @@ class DeadLetter(BaseModel):
 
     @classmethod
     def decode(cls, data: object) -> DeadLetter:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ContractError(f"not a valid DeadLetter: {exc}", data) from exc
+        return decode_model(cls, data)
 
 
 def record(redis: Redis, letter: DeadLetter, expire_s: int) -> None:

@@ -13,10 +13,10 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from wire.contract import Envelope, JobSpec, Message, Timings, Usage
-from wire.errors import ContractError, OutputValidationError
+from wire.contract import Envelope, JobSpec, Message, Timings, Usage, decode_model
+from wire.errors import OutputValidationError
 from wire.modelref import parse_model_ref
 
 from .backends.base import Backend, Completion, CompletionRequest, Deadline
@@ -51,12 +51,7 @@ class Progress(BaseModel):
     @classmethod
     def decode(cls, data: object) -> Progress:
         """The progress carried by a delivery (none: a first run); raises ContractError."""
-        if data is None:
-            return cls()
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ContractError(f"not a valid job progress: {exc}", data) from exc
+        return cls() if data is None else decode_model(cls, data)
 
 
 def execute(
