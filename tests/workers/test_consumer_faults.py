@@ -12,11 +12,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import signal
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,100 +22,20 @@ import pytest
 import redis
 
 from embedded.redis_server import RedisServer
-from producer import Client, Job, JobFailedError, Models, Settings
-from tests.conftest import Worker, wait_for
+from producer import Client, Job, JobFailedError, Models
+from tests.conftest import Worker
 from tests.faults import FaultyProxy, restart
-from wire.constants import TASK_NAME, queue_name, result_key, workers_key
+from tests.workers.fleet import Fleet
+from wire.constants import queue_name
 from wire.deadletters import DeadLetter, list_dead, undecodable_id
 
 QUEUE = queue_name("fake", "consumer-faults")
 TEMPLATE_QUEUE = queue_name("fake", "consumer-faults-template")  # served by no worker
-HEARTBEAT_S = 0.5
-#: How Celery logs the end of a delivery: the job ran, was dropped, or failed.
-_ENDED = ("succeeded", "ignored", "raised")
 POOLS = {
     "prefork": ("-P", "prefork", "-c", "2"),
     "threads": ("-P", "threads", "-c", "2"),
     "solo": ("-P", "solo", "-c", "1"),
 }
-
-
-class Fleet:
-    """The test's workers (each may reach its broker through a proxy), and their logs."""
-
-    def __init__(self, server: RedisServer, logs: Path) -> None:
-        self.server = server
-        self.logs = logs
-        self.workers: list[Worker] = []
-
-    def start(self, *args: str, broker: str | None = None, model: str = "fake") -> Worker:
-        env = {
-            **os.environ,
-            "SIBYLQ_BROKER_URL": broker or self.server.url,
-            "SIBYLQ_RESULT_BACKEND": self.server.url,
-            "SIBYLQ_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
-            "SIBYLQ_CACHE": "false",
-            "PYTHONUNBUFFERED": "1",
-        }
-        log_path = self.logs / f"worker-{len(self.workers)}.log"
-        worker = Worker([model, "-Q", QUEUE, *args], env, log_path)
-        self.workers.append(worker)
-        return worker.wait_ready(self.server.url, QUEUE)
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.server.url, socket_connect_timeout=2)
-
-    def logs_text(self) -> str:
-        return "\n".join(worker.log() for worker in self.workers)
-
-    def executions(self, job_id: str) -> int:
-        return len(re.findall(re.escape(f"Task {TASK_NAME}[{job_id}] succeeded"), self.logs_text()))
-
-    def meta(self, job_id: str) -> dict[str, Any] | None:
-        with self.redis() as client:
-            raw = client.get(result_key(job_id))
-        return None if raw is None else dict(json.loads(raw))
-
-    def started(self, job_id: str) -> Any:
-        meta = self.meta(job_id)
-        return meta["result"] if meta is not None and meta["status"] == "STARTED" else None
-
-    def wait_for(self, what: str, probe: Callable[[], Any], timeout_s: float = 30) -> Any:
-        return wait_for(what, probe, timeout_s, detail=lambda: self.logs_text()[-6000:])
-
-    def beats_since(self, worker: Worker, since: float) -> bool:
-        """Whether ``worker`` (the same process) has stamped its heartbeat after ``since``."""
-        with self.redis() as client:
-            beats = client.zrange(workers_key(QUEUE), 0, -1, withscores=True)
-        mine = [at for name, at in beats if f"-{worker.process.pid}@" in name.decode()]
-        return bool(mine) and mine[0] > since
-
-    def unfinished_deliveries(self) -> Counter[str]:
-        """Per job id, deliveries received and not yet ended (ran, ignored or failed), from
-        Celery's log lines."""
-        events = re.findall(rf"Task {re.escape(TASK_NAME)}\[([^\]]+)\] (\w+)", self.logs_text())
-        received = Counter(job_id for job_id, what in events if what == "received")
-        ended = Counter(job_id for job_id, what in events if what in _ENDED)
-        return received - ended
-
-    def settle(self, killed: int = 0) -> None:
-        """Every job acknowledged, none queued, and every delivery ended but the ``killed``
-        ones (their process died: Celery logs no end for them): nothing can run again. (An
-        acknowledgement by a first run can also remove the index entry of a second delivery of
-        the same message: kombu's delivery tag is the message's.)"""
-        with self.redis() as client:
-            self.wait_for(
-                "every job to be acknowledged and every delivery to end",
-                lambda: (
-                    client.hlen("unacked") == 0
-                    and client.llen(QUEUE) == 0
-                    and self.unfinished_deliveries().total() == killed
-                ),
-            )
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
 
 
 @pytest.fixture
@@ -128,22 +46,14 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def fleet(server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(server, tmp_path)
+    fleet = Fleet(server, tmp_path, QUEUE, env={"SIBYLQ_CACHE": "false"})
     yield fleet
     fleet.stop()
 
 
 @pytest.fixture
-def producer(server: RedisServer) -> Iterator[Client]:
-    client = Client(
-        Settings(
-            broker_url=server.url,
-            heartbeat_interval_s=HEARTBEAT_S,
-            no_worker_timeout_s=60.0,
-            broker_timeout_s=60.0,
-            cache=False,
-        )
-    )
+def producer(fleet: Fleet) -> Iterator[Client]:
+    client = fleet.producer(cache=False)
     yield client
     client.close()
 
@@ -197,7 +107,7 @@ def test_a_broker_outage_mid_job_neither_stops_the_worker_nor_loses_the_job(
 
     assert job.result(timeout=60) == "fake output"
     expect_alive(fleet, worker, producer)
-    fleet.settle()
+    fleet.settle(killed=0)
     assert fleet.executions(job.id) == 1
 
 
@@ -225,7 +135,7 @@ def test_a_reset_connection_does_not_run_the_running_job_again(
     proxy.reset()
 
     waited = job.envelope(timeout=30)
-    fleet.settle()
+    fleet.settle(killed=0)
     assert fleet.executions(job.id) == 1
     stored = fleet.meta(job.id)
     assert stored is not None and stored["result"] == waited.encode()
@@ -375,7 +285,7 @@ def test_hostile_entries_are_set_aside_and_the_worker_goes_on(
             assert failed.value.remote_type == "ContractError", case
     expect_alive(fleet, worker, producer)
     assert fleet.beats_since(worker, pushed_at)
-    fleet.settle()
+    fleet.settle(killed=0)
 
     letters = {letter.job_id: letter for letter in list_dead(fleet.redis(), limit=None)}
     for case, (raw, job_id) in sent.items():

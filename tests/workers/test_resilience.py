@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import redis
 
 from embedded.redis_server import RedisServer
 from producer import BackendError, Client, Job, JobTimeLimitError, Models, Settings
-from tests.conftest import Worker, wait_for
 from tests.faults import restart
-from wire.constants import TASK_NAME, attempts_key, queue_name, result_key, workers_key
+from tests.workers.fleet import HEARTBEAT_S, Fleet
+from wire.constants import queue_name
 
 T = TypeVar("T")
 
 QUEUE = queue_name("fake", "resilience")
-HEARTBEAT_S = 0.5
 #: Kill tests use the default lease (SIBYLQ_VISIBILITY_TIMEOUT_S, 20 s): a re-run within
 #: seconds cannot be a lost worker's lease running out.
 DEFAULT_LEASE_S: float = Settings.model_fields["visibility_timeout_s"].default
@@ -45,87 +42,6 @@ LOST_WORKER_ENV = {"SIBYLQ_VISIBILITY_TIMEOUT_S": "4"}
 POOL_CHECK_S = 5  # celery.concurrency.asynpool.AsynPool.timers: maintain_pool every 5 s
 
 
-class Fleet:
-    """The test's worker subprocesses, their logs, and a Redis client to inspect state."""
-
-    def __init__(self, server: RedisServer, logs: Path) -> None:
-        self.server = server
-        self.logs = logs
-        self.workers: list[Worker] = []
-
-    def start(self, *args: str, env: dict[str, str] | None = None) -> Worker:
-        environment = {
-            **os.environ,
-            "SIBYLQ_BROKER_URL": self.server.url,
-            "SIBYLQ_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        log_path = self.logs / f"worker-{len(self.workers)}.log"
-        worker = Worker(["fake", "-Q", QUEUE, *args], environment, log_path)
-        self.workers.append(worker)
-        worker.wait_ready(self.server.url, QUEUE)
-        # Its own heartbeat: another worker's would do for wait_ready.
-        self.wait_for("the worker's heartbeat", lambda: self.hostname(worker), 60)
-        return worker
-
-    def hostname(self, worker: Worker) -> str | None:
-        """The hostname ``worker`` beats under (``sibylq-fake-any-<pid>@host``), once it does."""
-        with self.redis() as client:
-            beating = client.zrange(workers_key(QUEUE), 0, -1)
-        mine = [name.decode() for name in beating if f"-{worker.process.pid}@".encode() in name]
-        return mine[0] if mine else None
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.server.url, socket_connect_timeout=2)
-
-    def logs_text(self) -> str:
-        return "\n".join(worker.log() for worker in self.workers)
-
-    def executions(self, job_id: str) -> int:
-        return len(re.findall(re.escape(f"Task {TASK_NAME}[{job_id}] succeeded"), self.logs_text()))
-
-    def attempts(self, job_id: str) -> int:
-        with self.redis() as client:
-            return int(client.get(attempts_key(job_id)) or 0)
-
-    def meta(self, job_id: str) -> dict[str, Any] | None:
-        with self.redis() as client:
-            raw = client.get(result_key(job_id))
-        return None if raw is None else dict(json.loads(raw))
-
-    def started(self, job_id: str, *, not_pids: frozenset[int] = frozenset()) -> Any:
-        """The STARTED meta's ``{"pid", "hostname"}`` once a run (not by ``not_pids``) began."""
-        meta = self.meta(job_id)
-        if meta is None or meta["status"] != "STARTED" or meta["result"]["pid"] in not_pids:
-            return None
-        return meta["result"]
-
-    def wait_for(self, what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
-        return wait_for(what, probe, timeout_s, detail=lambda: self.logs_text()[-6000:])
-
-    def last_heartbeat(self, hostname: str) -> float:
-        """When the worker ``hostname`` last stamped its heartbeat (unix s)."""
-        with self.redis() as client:
-            score = client.zscore(workers_key(QUEUE), hostname)
-        assert score is not None, f"no heartbeat of {hostname}"
-        return float(score)
-
-    def settle(self) -> None:
-        """Wait until every job is acknowledged and none is queued: nothing can run again,
-        and each run's log lines are written (a run logs before its message is acked)."""
-        with self.redis() as client:
-            self.wait_for(
-                "every job to be acknowledged",
-                lambda: client.hlen("unacked") == 0 and client.llen(QUEUE) == 0,
-                30,
-            )
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     with RedisServer(tmp_path / "redis", appendonly=True) as started:
@@ -134,21 +50,14 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def fleet(server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(server, tmp_path)
+    fleet = Fleet(server, tmp_path, QUEUE)
     yield fleet
     fleet.stop()
 
 
 @pytest.fixture
-def producer(server: RedisServer) -> Iterator[Client]:
-    client = Client(
-        Settings(
-            broker_url=server.url,
-            heartbeat_interval_s=HEARTBEAT_S,
-            no_worker_timeout_s=30.0,
-            broker_timeout_s=60.0,
-        )
-    )
+def producer(fleet: Fleet) -> Iterator[Client]:
+    client = fleet.producer(no_worker_timeout_s=30.0)
     yield client
     client.close()
 
