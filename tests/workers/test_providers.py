@@ -143,10 +143,10 @@ def test_a_provider_worker_runs_extract_and_classify_jobs(
 def test_a_provider_worker_is_a_threads_pool_on_its_own_queue(
     name: str, redis_server: RedisServer, provider_workers: Mapping[str, Worker]
 ) -> None:
-    results = redis.Redis.from_url(redis_server.url)
+    results = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        (hostname,) = [h.decode() for h in results.zrange(workers_key(f"sibylq.{name}"), 0, -1)]
-        info = json.loads(results.get(worker_info_key(hostname)) or b"{}")
+        (hostname,) = results.zrange(workers_key(f"sibylq.{name}"), 0, -1)
+        info = json.loads(results.get(worker_info_key(hostname)) or "{}")
     finally:
         results.close()
 
