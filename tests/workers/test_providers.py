@@ -9,7 +9,7 @@ import dataclasses
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import redis
@@ -51,15 +51,17 @@ _KEY_AND_URL_VARIABLES = {
 @pytest.fixture(scope="module")
 def provider_workers(
     start_worker: Callable[..., Worker], openai_stub: OpenAIStub
-) -> Mapping[str, Worker]:
+) -> Iterator[Mapping[str, Worker]]:
     """A worker per hosted provider, started as ``sibylq worker <name>`` is, with its key and
-    its endpoint overridden to the stub."""
+    its endpoint overridden to the stub; stopped after this module's tests."""
     workers = {}
     for name in HOSTED:
         provider = API_PROVIDERS[name]
         env = {provider.key_env: key_of(name), provider.settings_env: openai_stub.base_url}
         workers[name] = start_worker(name, "-c", "4", queue=f"sibylq.{name}", env=env)
-    return workers
+    yield workers
+    for worker in workers.values():
+        worker.stop()
 
 
 # -- the table ---------------------------------------------------------------------------------
