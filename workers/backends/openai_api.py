@@ -102,8 +102,9 @@ class OpenAIBackend:
         self, request: CompletionRequest, schema: dict[str, Any]
     ) -> Completion:
         key = (self._base_url, request.model)
-        known = _MODE_MEMORY.get(key)
-        modes = self._provider.modes
+        known, modes = _MODE_MEMORY.get(key), self._provider.modes
+        if known not in modes:  # None, or learnt by another provider at the same URL
+            known = None
         order = modes if known is None else (known, *(mode for mode in modes if mode != known))
         last: openai.APIStatusError | None = None
         for mode in order:
