@@ -154,7 +154,9 @@ def _add_cluster_parsers(commands: Any) -> None:
         epilog="example:\n  sibylq queue llamacpp:smollm2   # prints sibylq.llamacpp.smollm2",
     )
     queue.add_argument(
-        "model", metavar="MODEL", help="e.g. llamacpp:smollm2, openai:gpt-4o-mini, fake"
+        "model",
+        metavar="MODEL",
+        help="e.g. llamacpp:smollm2, openai:gpt-4o-mini, groq:llama-3.1-8b-instant, fake",
     )
     up = commands.add_parser(
         "up",

@@ -36,6 +36,10 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ``stub-echo-auth-<code>``   always HTTP ``<code>`` whose message echoes the request's whole
                             ``Authorization`` header (``bad key Bearer sk-...``), as some
                             proxies do
+``stub-echo-key-<code>``    always HTTP ``<code>`` whose message names the bare API key
+                            (``invalid API key: gsk-...``, no ``Bearer``), as some providers do
+``stub-ignore-format``      any ``response_format`` ignored (a text answer), as Anthropic's OpenAI
+                            SDK compatibility layer does; forced tool calls work
 ``stub-slow-<ms>``          sleeps ``<ms>`` milliseconds, then behaves normally
 ``stub-ratelimit[-<ms>]``   always HTTP 429 ``rate_limit_exceeded`` with ``retry-after-ms: <ms>``
                             (default ``Chaos.retry_after_s``), ``retry-after`` (whole seconds,
@@ -108,6 +112,7 @@ _REQUESTS_PER_MIN = 10_000
 _TOKENS_PER_MIN = 2_000_000
 _STATUS_MODEL = re.compile(r"stub-status-([45]\d\d)")
 _ECHO_AUTH_MODEL = re.compile(r"stub-echo-auth-([45]\d\d)")
+_ECHO_KEY_MODEL = re.compile(r"stub-echo-key-([45]\d\d)")
 _SLOW_MODEL = re.compile(r"stub-slow-(\d+)")
 _RATELIMIT_MODEL = re.compile(r"stub-ratelimit(?:-(\d+))?")
 _RATELIMIT_FIRST_MODEL = re.compile(r"stub-ratelimit-first(?:-.+)?")
@@ -309,6 +314,9 @@ def _apply_model_behaviour(model: str, authorization: str) -> None:
         raise status_error(int(status.group(1)), model, authorization)
     if echo := _ECHO_AUTH_MODEL.fullmatch(model):
         raise StubError(int(echo.group(1)), f"bad key {authorization}", code="invalid_api_key")
+    if echo := _ECHO_KEY_MODEL.fullmatch(model):
+        key = authorization.removeprefix("Bearer ").strip()
+        raise StubError(int(echo.group(1)), f"invalid API key: {key}", code="invalid_api_key")
     if model == "stub-context":
         raise StubError(
             400,
@@ -388,6 +396,8 @@ def _answer(model: str, body: JSON) -> Answer:
         arguments = json.dumps(example_value(parameters))
         return Answer(tool_name=name, arguments=arguments, finish_reason="tool_calls")
     response_format = body.get("response_format") or {"type": "text"}
+    if model == "stub-ignore-format":
+        response_format = {"type": "text"}
     if not isinstance(response_format, dict):
         raise StubError(400, "Invalid type for 'response_format'.", param="response_format")
     kind = response_format.get("type")

@@ -97,9 +97,9 @@ def test_a_worker_for_an_unknown_model_fails_at_once_saying_why() -> None:
 
 
 def test_an_unknown_provider_fails_at_once() -> None:
-    result = _sibylq("worker", "anthropic:claude")
+    result = _sibylq("worker", "cohere:command-r")
     assert result.returncode == 2
-    assert "unknown provider 'anthropic'" in result.stderr
+    assert "unknown provider 'cohere'" in result.stderr
 
 
 def test_redis_server_runs_the_binary_it_finds() -> None:

@@ -4,6 +4,9 @@ Queues (one Celery queue per model family; override with ``queue=`` / ``-Q``):
 
 ================================  =============================================
 ``sibylq.openai``                 every ``openai:<model>`` job
+``sibylq.<api>``                  every ``<api>:<model>`` job of the other APIs
+                                  (``wire.providers``: ``sibylq.groq``, ``sibylq.mistral``,
+                                  ``sibylq.together``, ``sibylq.fireworks``, ``sibylq.anthropic``)
 ``sibylq.llamacpp.<stem>``        ``llamacpp:<stem>`` or ``llamacpp:/path/<stem>.gguf``
 ``sibylq.fake``                   every ``fake[:options]`` job
 ================================  =============================================

@@ -4,7 +4,8 @@
 
     SibylqError
     ├── ConfigurationError          bad settings or model options
-    │   └── UnknownModelError       unknown provider, or a model name that resolves to nothing
+    │   ├── UnknownModelError       unknown provider, or a model name that resolves to nothing
+    │   └── MissingApiKeyError      an API worker started without its provider's key
     ├── UnsupportedTargetError      (also TypeError) a type sibylq cannot express as JSON schema
     ├── InvalidRequestError         (also ValueError) empty query, bad labels, bad JSON schema...
     ├── ContractError               a payload that does not match the job contract
@@ -42,6 +43,18 @@ class ConfigurationError(SibylqError):
 
 class UnknownModelError(ConfigurationError):
     """The model reference names an unknown provider or a model that cannot be found."""
+
+
+class MissingApiKeyError(ConfigurationError):
+    """A worker for a hosted API (``groq``, ``anthropic``...) was started without its key."""
+
+    def __init__(self, provider: str, variable: str) -> None:
+        self.provider = provider
+        self.variable = variable
+        super().__init__(
+            f"{variable} is not set: a {provider} worker sends it to {provider}'s API with "
+            f"every request; export {variable}=<your key> and start the worker again"
+        )
 
 
 class UnsupportedTargetError(SibylqError, TypeError):

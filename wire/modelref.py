@@ -8,13 +8,16 @@ from pathlib import PurePath
 
 from .constants import queue_name
 from .errors import ConfigurationError, UnknownModelError
+from .providers import API_PROVIDERS
 
-PROVIDERS = ("openai", "llamacpp", "fake")
+#: Every provider a reference may name: the API ones (``wire.providers``), then the local ones.
+PROVIDERS = (*API_PROVIDERS, "llamacpp", "fake")
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A parsed model reference, e.g. ``openai:gpt-4o-mini`` or ``fake:delay=0.2``."""
+    """A parsed model reference, e.g. ``openai:gpt-4o-mini``, ``groq:llama-3.1-8b-instant`` or
+    ``fake:delay=0.2``."""
 
     provider: str
     name: str = ""
@@ -22,7 +25,8 @@ class ModelRef:
 
     @property
     def queue(self) -> str:
-        """The default queue: one per provider for APIs, one per model file for llama.cpp."""
+        """The default queue: one per provider for APIs (``sibylq.groq``), one per model file
+        for llama.cpp."""
         if self.provider == "llamacpp":
             return queue_name("llamacpp", model_stem(self.name))
         return queue_name(self.provider)
@@ -42,7 +46,8 @@ def model_stem(name: str) -> str:
 def parse_model_ref(ref: str, *, any_api_model: bool = False) -> ModelRef:
     """Parse ``"provider:name[,key=value...]"``; raises UnknownModelError.
 
-    ``any_api_model`` admits a bare ``openai``: a worker that serves every model of its API.
+    ``any_api_model`` admits a bare API provider (``openai``, ``groq``...): a worker that
+    serves every model of its API.
     """
     if not isinstance(ref, str) or not ref.strip():
         raise UnknownModelError(f"a model reference must be a non-empty string, not {ref!r}")
@@ -56,7 +61,7 @@ def parse_model_ref(ref: str, *, any_api_model: bool = False) -> ModelRef:
     if len(names) > 1:
         raise UnknownModelError(f"{ref!r} names more than one model: {names!r}")
     name = names[0] if names else ""
-    optional = provider == "fake" or (any_api_model and provider == "openai")
+    optional = provider == "fake" or (any_api_model and provider in API_PROVIDERS)
     if not name and not optional:
         raise UnknownModelError(f"{ref!r} needs a model name, e.g. {provider}:<name>")
     return ModelRef(provider=provider, name=name, options=options)
@@ -96,7 +101,8 @@ def serves(worker_model: str, job_model: str) -> bool:
     """Whether a worker started for ``worker_model`` (``sibylq worker MODEL``) runs jobs for
     ``job_model``: the same provider, and for llama.cpp the same model file (by stem:
     ``llamacpp:/models/x.gguf`` serves ``llamacpp:x``). An API worker serves every model of its
-    endpoint, as its queue carries them all (``openai:<any>``, ``fake:<any options>``)."""
+    endpoint, as its queue carries them all (``openai:<any>``, ``groq:<any>``, ``fake:<any
+    options>``)."""
     served, wanted = parse_model_ref(worker_model, any_api_model=True), parse_model_ref(job_model)
     if served.provider != wanted.provider:
         return False

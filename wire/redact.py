@@ -1,7 +1,7 @@
 """Secrets out of everything sibylq writes: the one owner of redaction.
 
 A text leaving a process (an error message, a stored result or traceback, a log line, a dead
-letter) goes through ``redact``: the process's own secrets (``secrets_of``: the API key and the
+letter) goes through ``redact``: the process's own secrets (``secrets_of``: the API keys and the
 Redis passwords it was given) are masked wherever they appear, and so is what looks like one
 whatever its source: the password of a URL (``redis://user:***@host``) and a bearer token
 (``Bearer ***``), as a proxy may echo in an error body.
@@ -13,6 +13,8 @@ import os
 import re
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from .providers import api_key_variables
 
 MASK = "***"
 
@@ -46,13 +48,15 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 
 def secrets_of(*urls: str | None) -> tuple[str, ...]:
     """What a process given ``urls`` must never write out: their passwords (as written and
-    URL-decoded) and its ``OPENAI_API_KEY``."""
+    URL-decoded) and every API key it has (``OPENAI_API_KEY``, ``GROQ_API_KEY``... every
+    provider's of ``wire.providers``)."""
     found = []
     for url in urls:
         password = urlsplit(url).password if url else None
         if password:
             found += [password, unquote(password)]
-    api_key = os.environ.get("OPENAI_API_KEY")
-    if api_key:
-        found.append(api_key)
+    for variable in api_key_variables():
+        api_key = os.environ.get(variable, "").strip()
+        if api_key:
+            found.append(api_key)
     return tuple(found)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
+from .providers import ApiProvider
 
 #: A lease spans at least this many heartbeats (``SIBYLQ_VISIBILITY_TIMEOUT_S``).
 LEASE_BEATS = 4
@@ -94,6 +97,32 @@ class Settings(BaseSettings):
     llama_n_ctx: int = Field(default=2048, gt=0)
     llama_n_gpu_layers: int = 0
     llama_n_threads: int | None = Field(default=None, gt=0)
+    openai_base_url: str | None = Field(
+        default=None,
+        description="The endpoint of `openai:` workers; unset: OPENAI_BASE_URL, else OpenAI's.",
+    )
+    groq_base_url: str | None = Field(
+        default=None,
+        description="The endpoint of `groq:` workers; unset: GROQ_BASE_URL, else Groq's.",
+    )
+    mistral_base_url: str | None = Field(
+        default=None, description="The endpoint of `mistral:` workers; unset: Mistral's."
+    )
+    together_base_url: str | None = Field(
+        default=None,
+        description="The endpoint of `together:` workers; unset: TOGETHER_BASE_URL, else "
+        "Together's.",
+    )
+    fireworks_base_url: str | None = Field(
+        default=None,
+        description="The endpoint of `fireworks:` workers; unset: FIREWORKS_BASE_URL, else "
+        "Fireworks'.",
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        description="The endpoint of `anthropic:` workers (Anthropic's OpenAI SDK compatibility "
+        "layer); unset: Anthropic's.",
+    )
     openai_concurrency: int = Field(default=64, gt=0)
     openai_timeout_s: float = Field(default=120.0, gt=0)
     openai_max_retries: int = Field(
@@ -173,6 +202,15 @@ class Settings(BaseSettings):
         working would never hand a running job to a second worker."""
         longest_s = self.job_time_limit_s + HARD_LIMIT_GRACE_S
         return int(max(BROKER_VISIBILITY_BACKSTOP_S, 2 * longest_s))
+
+    def base_url(self, provider: ApiProvider, environ: Mapping[str, str] = os.environ) -> str:
+        """Where ``provider``'s workers send requests: ``SIBYLQ_<NAME>_BASE_URL``, else the
+        provider's own variable (``GROQ_BASE_URL``...), else its public endpoint."""
+        override = getattr(self, f"{provider.name}_base_url", None)
+        if isinstance(override, str) and override.strip():
+            return override.strip()
+        own = environ.get(provider.base_url_env, "").strip() if provider.base_url_env else ""
+        return own or provider.base_url
 
     @property
     def result_url(self) -> str:

@@ -14,6 +14,7 @@ from celery import Celery
 from wire.connections import check_usable
 from wire.errors import ConfigurationError, SibylqError
 from wire.modelref import ModelRef, model_stem, parse_model_ref
+from wire.providers import API_PROVIDERS, api_provider
 from wire.settings import Settings, get_settings
 
 from .supervisor import Child, child_command, split_concurrency, supervise
@@ -24,7 +25,8 @@ DESCRIPTION = (
 )
 EPILOG = (
     "examples:\n  export SIBYLQ_BROKER_URL=redis://localhost:6379/0\n"
-    "  sibylq worker llamacpp:smollm2\n  sibylq worker openai -c 128 --processes 2"
+    "  sibylq worker llamacpp:smollm2\n  sibylq worker openai -c 128 --processes 2\n"
+    "  GROQ_API_KEY=... sibylq worker groq   # every groq:<model> job (queue sibylq.groq)"
 )
 
 
@@ -33,7 +35,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="openai[:name], llamacpp:<name or .gguf path>, or fake[:delay=S]",
+        help=f"{'|'.join(API_PROVIDERS)}[:name], llamacpp:<name or .gguf path>, or fake[:delay=S]",
     )
     parser.add_argument(
         "-c", "--concurrency", type=int, metavar="N", help="jobs at once (default: 1 a "
@@ -93,7 +95,7 @@ class PoolDefaults:
 def pool_defaults(ref: ModelRef, settings: Settings) -> PoolDefaults:
     """APIs are I/O-bound: many threads share one HTTP client. ``Llama`` is not thread-safe
     and fills a core: one job per process, and a process per model copy."""
-    if ref.provider == "openai":
+    if api_provider(ref.provider) is not None:
         return PoolDefaults("threads", settings.openai_concurrency)
     if ref.provider == "llamacpp":
         return PoolDefaults("prefork", 1)
@@ -129,6 +131,9 @@ def run_worker(
         from .model_files import resolve_model_path
 
         resolve_model_path(ref.name, settings)  # fail now, not at the first job
+    api = api_provider(ref.provider)
+    if api is not None:
+        api.api_key()  # MissingApiKeyError now (exit 2), not a 401 at every job
     for url in dict.fromkeys((settings.broker, settings.result_url)):
         check_usable(url, settings)  # exit now, not retry a refused password forever
     defaults = pool_defaults(ref, settings)

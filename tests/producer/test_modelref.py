@@ -31,7 +31,8 @@ def test_options_and_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "ref", ["", "gpt-4", "anthropic:claude", "openai", "llamacpp:", "openai:a,b", "fake:delay="]
+    "ref",
+    ["", "gpt-4", "cohere:command-r", "openai", "groq", "llamacpp:", "openai:a,b", "fake:delay="],
 )
 def test_bad_references(ref: str) -> None:
     with pytest.raises(UnknownModelError):
@@ -49,6 +50,9 @@ def test_a_worker_may_serve_every_model_of_an_api() -> None:
         ("openai:gpt-4o-mini", "openai:gpt-4o-mini", True),
         ("openai:gpt-4o-mini", "openai:gpt-4o", True),  # one queue carries every model
         ("openai", "fake:delay=1", False),
+        ("groq", "groq:llama-3.1-8b-instant", True),
+        ("openai", "groq:llama-3.1-8b-instant", False),  # another endpoint, another key
+        ("groq:llama-3.1-8b-instant", "mistral:mistral-small-latest", False),
         ("fake", "fake:delay=1", True),
         ("fake", "openai:gpt-4o-mini", False),
         ("llamacpp:/models/smollm2.gguf", "llamacpp:smollm2", True),

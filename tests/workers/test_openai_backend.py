@@ -15,6 +15,7 @@ import pytest
 from tests.openai_stub import MODELS, OpenAIStub
 from wire.contract import GenConf, Message
 from wire.errors import BackendError, PromptTooLongError
+from wire.providers import PLACEHOLDER_API_KEY
 from wire.settings import Settings
 from workers.backends.base import CompletionRequest, RetryLater
 from workers.backends.openai_api import OpenAIBackend, forget_modes, remembered_mode
@@ -338,7 +339,7 @@ def test_the_default_client_is_shared_and_built_from_the_environment(
 ) -> None:
     import workers.backends.openai_api as module
 
-    monkeypatch.setattr(module, "_client", None)
+    monkeypatch.setattr(module, "_CLIENTS", module._Clients())
     monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     configured = settings.model_copy(update={"openai_timeout_s": 7, "openai_max_retries": 5})
@@ -346,7 +347,7 @@ def test_the_default_client_is_shared_and_built_from_the_environment(
     first, second = OpenAIBackend(configured), OpenAIBackend(configured)
 
     assert first._client is second._client
-    assert first._client.api_key == module.PLACEHOLDER_API_KEY
+    assert first._client.api_key == PLACEHOLDER_API_KEY
     # The SDK never retries: sibylq does (SIBYLQ_OPENAI_MAX_RETRIES), fleet-wide.
     assert (first._client.timeout, first._client.max_retries) == (7, 0)
     assert first.complete(request()).text == "stub reply: Who is it?"

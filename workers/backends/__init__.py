@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from wire.errors import UnknownModelError
+from wire.providers import api_provider
 from wire.settings import Settings
 
 from .base import Backend, Completion, CompletionRequest, Deadline, RetryLater
@@ -14,10 +15,11 @@ def create_backend(provider: str, settings: Settings) -> Backend:
         from .fake import FakeBackend
 
         return FakeBackend()
-    if provider == "openai":
+    api = api_provider(provider)
+    if api is not None:  # openai, groq, mistral, together, fireworks, anthropic
         from .openai_api import OpenAIBackend
 
-        return OpenAIBackend(settings)
+        return OpenAIBackend(settings, provider=api)
     if provider == "llamacpp":
         from .llamacpp import LlamaCppBackend
 

@@ -1,11 +1,16 @@
-"""The ``openai`` backend: any OpenAI-compatible chat completions endpoint, through the SDK.
+"""The API backend: any OpenAI-compatible chat completions endpoint, through the SDK.
 
-The endpoint comes from the environment (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``; local servers
-need no key, so a placeholder is sent when none is set). One SDK client is shared by every job
-in the process: the worker runs them on a pool of threads, and the client is thread-safe.
+It serves every API provider of ``wire.providers`` (``openai``, ``groq``, ``mistral``,
+``together``, ``fireworks``, ``anthropic``): the provider gives the endpoint (overridable,
+``Settings.base_url``), the variable holding the key (``OPENAI_API_KEY``, ``GROQ_API_KEY``...;
+``openai`` also stands for local servers, which need none, so a placeholder is sent when it is
+unset), the structured output modes to try and the name of the seed field. One SDK client per
+provider is shared by every job in the process: the worker runs them on a pool of threads, and
+the client is thread-safe.
 
 Structured jobs need the server to constrain its output, and servers differ in how they offer
-that. Modes are tried in order until one is accepted:
+that. The provider's modes (all three but for Anthropic, which ignores ``response_format``: a
+forced tool call only) are tried in order until one is accepted:
 
 1. ``json_schema``: ``response_format={"type": "json_schema", ...}`` (OpenAI, vLLM, llama.cpp's
    own server...).
@@ -35,16 +40,16 @@ limiter further away than that is waited for parked in Redis.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from typing import Any, Literal
+from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessage
 
 from wire.contract import GenConf, Message, Usage
 from wire.errors import BackendError, JobFailedError, PromptTooLongError
+from wire.providers import API_PROVIDERS, ApiProvider, StructuredMode
 from wire.redact import redact, redact_url
 from wire.settings import RateLimit, Settings
 
@@ -53,13 +58,10 @@ from ..store import result_redis
 from .base import Completion, CompletionRequest, Deadline, RetryLater, with_schema_instruction
 from .retry_after import server_delay_s
 
-Mode = Literal["json_schema", "tools", "json_object"]
+Mode = StructuredMode
 
-#: Structured output modes, in the order they are tried.
-MODES: tuple[Mode, ...] = ("json_schema", "tools", "json_object")
-
-#: Sent when ``OPENAI_API_KEY`` is unset: local servers need no key, the SDK insists on one.
-PLACEHOLDER_API_KEY = "sk-no-key-required"
+#: The ``openai`` provider: OpenAI, or any OpenAI-compatible server at ``OPENAI_BASE_URL``.
+OPENAI = API_PROVIDERS["openai"]
 
 _OUTPUT_NAME = "output"
 _REFUSAL_STATUSES = frozenset({400, 422})
@@ -77,9 +79,11 @@ class OpenAIBackend:
         settings: Settings,
         client: openai.OpenAI | None = None,
         limiter: RateLimiter | None = None,
+        provider: ApiProvider = OPENAI,
     ) -> None:
         self._settings = settings
-        self._client = client if client is not None else shared_client(settings)
+        self._provider = provider
+        self._client = client if client is not None else shared_client(settings, provider)
         self._limiter = limiter if limiter is not None else RateLimiter(result_redis(settings))
         self._base_url = _key_url(str(self._client.base_url))
         self._endpoint = redact_url(self._base_url + "/chat/completions")
@@ -87,7 +91,8 @@ class OpenAIBackend:
     def complete(self, request: CompletionRequest) -> Completion:
         try:
             if request.json_schema is None:
-                response = self._send(request, _text_kwargs(request), structured=False)
+                kwargs = _text_kwargs(request, self._provider)
+                response = self._send(request, kwargs, structured=False)
                 return _completion(response, request, tool_call=False)
             return self._complete_structured(request, request.json_schema)
         except openai.APIStatusError as exc:
@@ -97,12 +102,15 @@ class OpenAIBackend:
         self, request: CompletionRequest, schema: dict[str, Any]
     ) -> Completion:
         key = (self._base_url, request.model)
-        known = _MODE_MEMORY.get(key)
-        order = MODES if known is None else (known, *(mode for mode in MODES if mode != known))
+        known, modes = _MODE_MEMORY.get(key), self._provider.modes
+        if known not in modes:  # None, or learnt by another provider at the same URL
+            known = None
+        order = modes if known is None else (known, *(mode for mode in modes if mode != known))
         last: openai.APIStatusError | None = None
         for mode in order:
             try:
-                response = self._send(request, _mode_kwargs(mode, request, schema), structured=True)
+                kwargs = _mode_kwargs(mode, request, schema, self._provider)
+                response = self._send(request, kwargs, structured=True)
             except openai.APIStatusError as exc:
                 if not _refuses_mode(exc):
                     raise
@@ -198,24 +206,44 @@ class OpenAIBackend:
 _NO_LIMITS = RateLimit()
 
 
-# -- the shared client ------------------------------------------------------------------------
-
-_client_lock = threading.Lock()
-_client: openai.OpenAI | None = None
+# -- the shared clients -----------------------------------------------------------------------
 
 
-def shared_client(settings: Settings) -> openai.OpenAI:
-    """The process's one SDK client, built on first use from the environment and ``settings``."""
-    global _client
-    with _client_lock:
-        if _client is None:
-            _client = openai.OpenAI(
-                api_key=os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY,
-                base_url=os.environ.get("OPENAI_BASE_URL") or None,
-                timeout=settings.openai_timeout_s,
-                max_retries=0,  # sibylq retries, fleet-wide (see the module docstring)
-            )
-        return _client
+class _Clients:
+    """The process's SDK client for each provider, built on first use. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[str, openai.OpenAI] = {}
+
+    def get(self, settings: Settings, provider: ApiProvider) -> openai.OpenAI:
+        with self._lock:
+            if provider.name not in self._clients:
+                self._clients[provider.name] = openai.OpenAI(
+                    api_key=provider.api_key(),  # MissingApiKeyError for a hosted API
+                    base_url=settings.base_url(provider),
+                    timeout=settings.openai_timeout_s,
+                    max_retries=0,  # sibylq retries, fleet-wide (see the module docstring)
+                )
+            return self._clients[provider.name]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._clients.clear()
+
+
+_CLIENTS = _Clients()
+
+
+def shared_client(settings: Settings, provider: ApiProvider = OPENAI) -> openai.OpenAI:
+    """The process's SDK client for ``provider``, built on first use from ``settings`` and the
+    environment (its key variable, its base URL variables)."""
+    return _CLIENTS.get(settings, provider)
+
+
+def forget_clients() -> None:
+    """Forget the shared clients (for tests, or after the environment changed)."""
+    _CLIENTS.clear()
 
 
 # -- remembered modes -------------------------------------------------------------------------
@@ -257,15 +285,15 @@ def forget_modes() -> None:
 # -- requests ---------------------------------------------------------------------------------
 
 
-def _text_kwargs(request: CompletionRequest) -> dict[str, Any]:
+def _text_kwargs(request: CompletionRequest, provider: ApiProvider) -> dict[str, Any]:
     return {
         "model": request.model,
         "messages": [_message(message) for message in request.messages],
-        **_genconf_kwargs(request.genconf),
+        **_genconf_kwargs(request.genconf, provider),
     }
 
 
-def _genconf_kwargs(genconf: GenConf) -> dict[str, Any]:
+def _genconf_kwargs(genconf: GenConf, provider: ApiProvider) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "max_tokens": genconf.max_tokens,
         "temperature": genconf.temperature,
@@ -273,8 +301,10 @@ def _genconf_kwargs(genconf: GenConf) -> dict[str, Any]:
     }
     if genconf.stop:
         kwargs["stop"] = list(genconf.stop)
-    if genconf.seed is not None:
+    if genconf.seed is not None and provider.seed_field == "seed":
         kwargs["seed"] = genconf.seed
+    elif genconf.seed is not None and provider.seed_field is not None:  # not the SDK's name
+        kwargs["extra_body"] = {provider.seed_field: genconf.seed}
     return kwargs
 
 
@@ -282,8 +312,10 @@ def _message(message: Message) -> dict[str, str]:
     return {"role": message.role, "content": message.content}
 
 
-def _mode_kwargs(mode: Mode, request: CompletionRequest, schema: dict[str, Any]) -> dict[str, Any]:
-    kwargs = _text_kwargs(request)
+def _mode_kwargs(
+    mode: Mode, request: CompletionRequest, schema: dict[str, Any], provider: ApiProvider
+) -> dict[str, Any]:
+    kwargs = _text_kwargs(request, provider)
     if mode == "json_schema":
         kwargs["response_format"] = {
             "type": "json_schema",
