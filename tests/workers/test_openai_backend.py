@@ -18,7 +18,7 @@ from wire.errors import BackendError, PromptTooLongError
 from wire.providers import PLACEHOLDER_API_KEY
 from wire.settings import Settings
 from workers.backends.base import CompletionRequest, RetryLater
-from workers.backends.openai_api import OpenAIBackend, forget_modes, remembered_mode
+from workers.backends.openai_api import OpenAIBackend
 
 API_KEY = "sk-test-0123456789abcdefghijklmnop"
 
@@ -39,7 +39,6 @@ def stub() -> Iterator[OpenAIStub]:
 @pytest.fixture(autouse=True)
 def _fresh(stub: OpenAIStub) -> None:
     stub.clear()
-    forget_modes()
 
 
 @pytest.fixture
@@ -126,7 +125,7 @@ def test_a_structured_job_uses_json_schema_first(backend: OpenAIBackend, stub: O
         "type": "json_schema",
         "json_schema": {"name": "output", "schema": PERSON, "strict": False},
     }
-    assert remembered_mode(stub.base_url, "gpt-4o-mini") == "json_schema"
+    assert backend.remembered_mode("gpt-4o-mini") == "json_schema"
 
 
 @pytest.mark.parametrize("model", ["stub-no-json-schema", "stub-tools-only"])
@@ -144,7 +143,7 @@ def test_it_falls_back_to_a_forced_tool_call_and_remembers_it(
         {"type": "function", "function": {"name": "output", "parameters": PERSON}}
     ]
     assert tool_request["tool_choice"] == {"type": "function", "function": {"name": "output"}}
-    assert remembered_mode(stub.base_url, model) == "tools"
+    assert backend.remembered_mode(model) == "tools"
 
 
 def test_the_remembered_mode_is_per_model(backend: OpenAIBackend, stub: OpenAIStub) -> None:
@@ -154,13 +153,14 @@ def test_the_remembered_mode_is_per_model(backend: OpenAIBackend, stub: OpenAISt
     assert modes_sent(stub.requests) == ["json_schema", "tools", "json_schema"]
 
 
-def test_the_remembered_mode_is_shared_by_backends(
+def test_the_remembered_mode_belongs_to_its_backend(
     client: openai.OpenAI, stub: OpenAIStub, settings: Settings
 ) -> None:
-    OpenAIBackend(settings, client=client).complete(request("stub-no-json-schema", PERSON))
-    OpenAIBackend(settings, client=client).complete(request("stub-no-json-schema", PERSON))
+    first, second = OpenAIBackend(settings, client=client), OpenAIBackend(settings, client=client)
+    first.complete(request("stub-no-json-schema", PERSON))
+    second.complete(request("stub-no-json-schema", PERSON))
 
-    assert modes_sent(stub.requests) == ["json_schema", "tools", "tools"]
+    assert modes_sent(stub.requests) == ["json_schema", "tools", "json_schema", "tools"]
 
 
 def test_json_object_is_the_last_resort(
@@ -334,19 +334,15 @@ def test_a_timeout_asks_for_a_retry(stub: OpenAIStub, settings: Settings) -> Non
 # -- the default client -------------------------------------------------------------------------
 
 
-def test_the_default_client_is_shared_and_built_from_the_environment(
+def test_the_default_client_is_built_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, stub: OpenAIStub, settings: Settings
 ) -> None:
-    import workers.backends.openai_api as module
-
-    monkeypatch.setattr(module, "_CLIENTS", module._Clients())
     monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     configured = settings.model_copy(update={"openai_timeout_s": 7, "openai_max_retries": 5})
 
-    first, second = OpenAIBackend(configured), OpenAIBackend(configured)
+    first = OpenAIBackend(configured)
 
-    assert first._client is second._client
     assert first._client.api_key == PLACEHOLDER_API_KEY
     # The SDK never retries: sibylq does (SIBYLQ_OPENAI_MAX_RETRIES), fleet-wide.
     assert (first._client.timeout, first._client.max_retries) == (7, 0)

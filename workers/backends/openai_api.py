@@ -22,8 +22,8 @@ forced tool call only) are tried in order until one is accepted:
 
 A mode counts as refused when the server answers 400 or 422, or 500 with an error that names
 ``response_format``, ``json_schema`` or ``tool`` (llama_cpp.server answers ``json_schema`` that
-way). A context-length error is never a refusal. The mode that worked is remembered per
-``(base_url, model)``, so later jobs go straight to it.
+way). A context-length error is never a refusal. The backend remembers the mode that worked
+for each model, so later jobs of the worker go straight to it.
 
 Every request first takes its place in the fleet-wide rate limiter (``workers.ratelimit``):
 the limits of ``SIBYLQ_RATE_LIMITS`` and any pause a 429 imposed, shared through Redis by all
@@ -83,10 +83,11 @@ class OpenAIBackend:
     ) -> None:
         self._settings = settings
         self._provider = provider
-        self._client = client if client is not None else shared_client(settings, provider)
+        self._client = client if client is not None else build_client(settings, provider)
         self._limiter = limiter if limiter is not None else RateLimiter(result_redis(settings))
         self._base_url = _key_url(str(self._client.base_url))
         self._endpoint = redact_url(self._base_url + "/chat/completions")
+        self._modes = _ModeMemory()
 
     def complete(self, request: CompletionRequest) -> Completion:
         try:
@@ -98,13 +99,14 @@ class OpenAIBackend:
         except openai.APIStatusError as exc:
             raise self._status_error(exc, request.model) from exc
 
+    def remembered_mode(self, model: str) -> Mode | None:
+        """The structured output mode this backend settled on for ``model``."""
+        return self._modes.get(model)
+
     def _complete_structured(
         self, request: CompletionRequest, schema: dict[str, Any]
     ) -> Completion:
-        key = (self._base_url, request.model)
-        known, modes = _MODE_MEMORY.get(key), self._provider.modes
-        if known not in modes:  # None, or learnt by another provider at the same URL
-            known = None
+        known, modes = self._modes.get(request.model), self._provider.modes
         order = modes if known is None else (known, *(mode for mode in modes if mode != known))
         last: openai.APIStatusError | None = None
         for mode in order:
@@ -116,7 +118,7 @@ class OpenAIBackend:
                     raise
                 last = exc
                 continue
-            _MODE_MEMORY.set(key, mode)
+            self._modes.set(request.model, mode)
             return _completion(response, request, tool_call=mode == "tools")
         assert last is not None
         raise BackendError(
@@ -206,80 +208,35 @@ class OpenAIBackend:
 _NO_LIMITS = RateLimit()
 
 
-# -- the shared clients -----------------------------------------------------------------------
+# -- what a backend owns ------------------------------------------------------------------------
 
 
-class _Clients:
-    """The process's SDK client for each provider, built on first use. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._clients: dict[str, openai.OpenAI] = {}
-
-    def get(self, settings: Settings, provider: ApiProvider) -> openai.OpenAI:
-        with self._lock:
-            if provider.name not in self._clients:
-                self._clients[provider.name] = openai.OpenAI(
-                    api_key=provider.api_key(),  # MissingApiKeyError for a hosted API
-                    base_url=settings.base_url(provider),
-                    timeout=settings.openai_timeout_s,
-                    max_retries=0,  # sibylq retries, fleet-wide (see the module docstring)
-                )
-            return self._clients[provider.name]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._clients.clear()
-
-
-_CLIENTS = _Clients()
-
-
-def shared_client(settings: Settings, provider: ApiProvider = OPENAI) -> openai.OpenAI:
-    """The process's SDK client for ``provider``, built on first use from ``settings`` and the
-    environment (its key variable, its base URL variables)."""
-    return _CLIENTS.get(settings, provider)
-
-
-def forget_clients() -> None:
-    """Forget the shared clients (for tests, or after the environment changed)."""
-    _CLIENTS.clear()
-
-
-# -- remembered modes -------------------------------------------------------------------------
+def build_client(settings: Settings, provider: ApiProvider = OPENAI) -> openai.OpenAI:
+    """An SDK client for ``provider``, from ``settings`` and the environment (its key
+    variable, its base URL variables). A worker builds one per provider: its backend, shared by
+    every job of the process (``workers.task.Backends``); the client is thread-safe."""
+    return openai.OpenAI(
+        api_key=provider.api_key(),  # MissingApiKeyError for a hosted API
+        base_url=settings.base_url(provider),
+        timeout=settings.openai_timeout_s,
+        max_retries=0,  # sibylq retries, fleet-wide (see the module docstring)
+    )
 
 
 class _ModeMemory:
-    """Which structured output mode each ``(base_url, model)`` accepted. Thread-safe."""
+    """Which structured output mode each model of a backend's endpoint accepted. Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._modes: dict[tuple[str, str], Mode] = {}
+        self._modes: dict[str, Mode] = {}
 
-    def get(self, key: tuple[str, str]) -> Mode | None:
+    def get(self, model: str) -> Mode | None:
         with self._lock:
-            return self._modes.get(key)
+            return self._modes.get(model)
 
-    def set(self, key: tuple[str, str], mode: Mode) -> None:
+    def set(self, model: str, mode: Mode) -> None:
         with self._lock:
-            self._modes[key] = mode
-
-    def clear(self) -> None:
-        with self._lock:
-            self._modes.clear()
-
-
-_MODE_MEMORY = _ModeMemory()
-
-
-def remembered_mode(base_url: str, model: str) -> Mode | None:
-    """The structured output mode this process settled on for ``model`` at ``base_url``."""
-    return _MODE_MEMORY.get((_key_url(base_url), model))
-
-
-def forget_modes() -> None:
-    """Forget every remembered mode (for tests, or after the endpoint changed)."""
-    _MODE_MEMORY.clear()
+            self._modes[model] = mode
 
 
 # -- requests ---------------------------------------------------------------------------------
