@@ -39,12 +39,6 @@ POOLS = {
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis", appendonly=True) as started:
-        yield started
-
-
-@pytest.fixture
 def fleet(server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
     fleet = Fleet(server, tmp_path, QUEUE, env={"SIBYLQ_CACHE": "false"})
     yield fleet

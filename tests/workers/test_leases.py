@@ -5,7 +5,6 @@ renewed, an expired one is requeued, and nothing is requeued right after renewal
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -22,12 +21,6 @@ from workers.leases import LeaseKeeper
 
 QUEUE = "sibylq.test-leases"
 LEASE_S = 2.0
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as started:
-        yield started
 
 
 @pytest.fixture

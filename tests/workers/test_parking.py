@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -21,16 +20,8 @@ QUEUE = "sibylq.test-parking"
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own: the session's workers run promoters of their own, which
-    would take the entries under test from the shared one."""
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def results(private_redis: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(private_redis.url)
+def results(server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url)
     yield client
     client.close()
 
@@ -47,10 +38,10 @@ def _parked(job_id: str) -> Parked:
 
 
 def test_a_foreign_entry_is_dropped_and_the_due_jobs_beside_it_are_published(
-    private_redis: RedisServer, results: redis.Redis
+    server: RedisServer, results: redis.Redis
 ) -> None:
     results.zadd(DELAYED_KEY, {"not json": 0, '{"job_id": "x"}': 0, _parked("due").encode(): 0})
-    sender = Celery("test-parking", broker=private_redis.url, set_as_current=False)
+    sender = Celery("test-parking", broker=server.url, set_as_current=False)
     assert Promoter(results, sender).promote_due() == 3
     assert results.zcard(DELAYED_KEY) == results.zcard(DELAYED_LEASED_KEY) == 0
     published = [json.loads(raw)["headers"]["id"] for raw in results.lrange(QUEUE, 0, -1)]

@@ -43,12 +43,6 @@ POOL_CHECK_S = 5  # celery.concurrency.asynpool.AsynPool.timers: maintain_pool e
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis", appendonly=True) as started:
-        yield started
-
-
-@pytest.fixture
 def fleet(server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
     fleet = Fleet(server, tmp_path, QUEUE)
     yield fleet
