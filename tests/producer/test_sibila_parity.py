@@ -40,7 +40,7 @@ from tests.openai_stub import OpenAIStub
 
 URL = "https://example.com/surfer.jpg"
 #: The 8-byte PNG signature and a little more: enough for sibylq's image check and the stub.
-IMAGE_PART = {"type": "image_url", "image_url": {"url": URL}}
+IMAGE_PART: dict[str, Any] = {"type": "image_url", "image_url": {"url": URL}}
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
 
 
@@ -332,10 +332,7 @@ class TestVision:
                 id="unknown-part-type",
             ),
             pytest.param(
-                {
-                    "role": "assistant",
-                    "content": [{"type": "image_url", "image_url": {"url": URL}}],
-                },
+                {"role": "assistant", "content": [IMAGE_PART]},
                 "messages[0].content[0].type",
                 id="image-in-assistant-message",
             ),
