@@ -29,9 +29,10 @@ Query = (
     | Sequence[Message | Msg | Mapping[str, Any] | tuple[Any, ...] | str]
 )
 
-#: Providers whose workers take images (content parts). llama.cpp workers load no multimodal
-#: projector yet, so a job with images for one fails here, before it is sent.
-_VISION_PROVIDERS = frozenset({"openai", "fake"})
+#: Providers whose workers take no images: llama.cpp workers load no multimodal projector yet,
+#: so a job with images for one fails here, before it is sent. Every other provider (an
+#: OpenAI-compatible API, or ``fake``) takes OpenAI's content parts.
+_NO_IMAGES = frozenset({"llamacpp"})
 
 
 def build_messages(
@@ -43,7 +44,7 @@ def build_messages(
     user message."""
     thread = Thread.ensure(_thread_like(query), inst)
     _check(thread)
-    if model is not None and thread.has_images and model.provider not in _VISION_PROVIDERS:
+    if model is not None and thread.has_images and model.provider in _NO_IMAGES:
         raise InvalidRequestError(
             f"{model} cannot take images: sibylq's llama.cpp workers load no multimodal "
             "projector yet. Send image queries to an openai: model (or an OpenAI-compatible "
