@@ -33,6 +33,7 @@ Query = (
 #: so a job with images for one fails here, before it is sent. Every other provider (an
 #: OpenAI-compatible API, or ``fake``) takes OpenAI's content parts.
 _NO_IMAGES = frozenset({"llamacpp"})
+_EMPTY = "the query is empty: give the model something to answer"
 
 
 def build_messages(
@@ -42,6 +43,8 @@ def build_messages(
     InvalidRequestError for an empty query, a malformed message, or images ``model`` cannot
     take; warns (and goes on, as Sibila does) when the thread does not start or end with a
     user message."""
+    if isinstance(query, str):  # the common case, at labeling scale: no Thread on the way
+        return _plain(query, inst)
     thread = Thread.ensure(_thread_like(query), inst)
     _check(thread)
     if model is not None and thread.has_images and model.provider in _NO_IMAGES:
@@ -53,7 +56,17 @@ def build_messages(
     return tuple(_message(chatml) for chatml in thread.as_chatml())
 
 
+def _plain(query: str, inst: str | None) -> tuple[Message, ...]:
+    """What ``Thread.ensure(query, inst).as_chatml()`` gives for a string, made directly."""
+    if not query.strip():
+        raise InvalidRequestError(_EMPTY)
+    user = Message(role="user", content=query)
+    return (Message(role="system", content=inst), user) if inst else (user,)
+
+
 def _thread_like(query: object) -> ThreadLike:
+    if isinstance(query, Message):
+        return _item(query)  # type: ignore[no-any-return]
     if isinstance(query, str | Thread | Msg | tuple | dict):
         return query
     if isinstance(query, Sequence):
@@ -75,7 +88,7 @@ def _item(item: object) -> Any:
 def _check(thread: Thread) -> None:
     last = thread[-1] if len(thread) else None
     if last is None or (last.kind is Msg.Kind.IN and not last.text.strip() and not last.images):
-        raise InvalidRequestError("the query is empty: give the model something to answer")
+        raise InvalidRequestError(_EMPTY)
     if thread[0].kind is not Msg.Kind.IN:
         warnings.warn("the thread's first message is not a user (IN) message", stacklevel=4)
     if last.kind is not Msg.Kind.IN:

@@ -462,3 +462,14 @@ class TestGenOut:
             "dic": None,
             "value": None,
         }
+
+
+@pytest.mark.parametrize(
+    ("query", "inst"),
+    [("hi", None), ("hi", ""), ("hi", "Be brief."), ("two\nlines", "Be\nbrief.")],
+)
+def test_a_string_query_gives_what_its_thread_gives(query: str, inst: str | None) -> None:
+    """A string query takes a shortcut past ``Thread``; it gives the same messages."""
+    thread = Thread.ensure(query, inst)
+    assert build_messages(query, inst) == build_messages(thread)
+    assert [message.model_dump() for message in build_messages(query, inst)] == (thread.as_chatml())
