@@ -55,6 +55,17 @@ class Invoice(pydantic.BaseModel):
     total: float
 
 
+class Picky(pydantic.BaseModel):
+    name: str
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _not_fake(cls, name: str) -> str:
+        if name == "fake":
+            raise ValueError("a real name, please")
+        return name
+
+
 @pytest.fixture
 def fake(client: Client, fake_worker: Worker) -> Any:
     return Models.create("fake", client=client)
@@ -438,6 +449,18 @@ class TestGenOut:
         out = stub_model("stub-context").gen("long")
         assert out.res is GenRes.ERROR_MODEL
         assert isinstance(out.error, PromptTooLongError)
+
+    def test_json_the_callers_type_refuses(self, fake: Any) -> None:
+        """Sibila: JSON valid for the schema that the type then refuses ->
+        ERROR_JSON_SCHEMA_VAL, ``dic`` holding the JSON. sibylq: the same (here a pydantic
+        validator the schema cannot express refuses the fake model's "fake")."""
+        out = fake.gen_pydantic(Picky, "a name")
+        assert (out.res, out.dic, out.value) == (
+            GenRes.ERROR_JSON_SCHEMA_VAL,
+            {"name": "fake"},
+            None,
+        )
+        assert isinstance(out.error, OutputValidationError) and out.envelope is not None
 
     def test_a_request_refused_before_enqueue_still_raises(self, fake: Any) -> None:
         with pytest.raises(InvalidRequestError):
