@@ -16,6 +16,7 @@ job contract's messages, which are JSON.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -313,6 +314,33 @@ class Thread(Sequence[Msg]):
     def __getitem__(self, index: slice) -> list[Msg]: ...
     def __getitem__(self, index: int | slice) -> Msg | list[Msg]:
         return self._msgs[index]
+
+    def __delitem__(self, index: int) -> None:
+        """Delete a message, keeping the alternation as Sibila does: a message between two of
+        the same kind is deleted with the next one, whose text and images join the previous."""
+        msgs = self._msgs
+        index = range(len(msgs))[index]  # IndexError as a list raises it
+        if 0 < index < len(msgs) - 1:
+            msgs[index - 1].join_same_kind(msgs[index + 1], self.join_sep)
+            del msgs[index + 1]
+        del msgs[index]
+
+    def get_iter(self, include_set_inst: bool) -> Iterator[Msg]:
+        """The messages, after ``inst`` when ``include_set_inst`` and it is set."""
+        if include_set_inst and self.inst.text:
+            yield self.inst
+        yield from self._msgs
+
+    def save(self, path: str | Path) -> None:
+        """Write the thread to a JSON file (``as_dict``)."""
+        Path(path).write_text(json.dumps(self.as_dict(), indent=2), encoding="utf-8")
+
+    def load(self, path: str | Path, clear: bool) -> None:
+        """Read a thread saved with ``save``; with ``clear``, in place of this one's messages
+        and instruction, else appended to them."""
+        if clear:
+            self.clear()
+        self.concat(Thread.from_dict(json.loads(Path(path).read_text(encoding="utf-8"))))
 
     def __iter__(self) -> Iterator[Msg]:
         """The IN and OUT messages; ``inst`` is not one of them."""

@@ -496,3 +496,26 @@ def test_a_string_query_gives_what_its_thread_gives(query: str, inst: str | None
     thread = Thread.ensure(query, inst)
     assert build_messages(query, inst) == build_messages(thread)
     assert [message.model_dump() for message in build_messages(query, inst)] == (thread.as_chatml())
+
+
+class TestThreadEditing:
+    def test_deleting_a_middle_message_keeps_the_alternation(self) -> None:
+        """Sibila: ``del thread[1]`` on IN, OUT, IN, OUT joins the two INs around it."""
+        thread = Thread(["q1", "a1", "q2", "a2"])
+        del thread[1]
+        assert [(msg.kind, msg.text) for msg in thread] == [
+            (Msg.Kind.IN, "q1\nq2"),
+            (Msg.Kind.OUT, "a2"),
+        ]
+        del thread[-1]
+        assert [msg.text for msg in thread] == ["q1\nq2"]
+
+    def test_save_and_load(self, tmp_path: Path) -> None:
+        """Sibila: ``thread.save(path)``, ``Thread().load(path, clear=True)``."""
+        thread = Thread(["q", "a", ("look", URL)], inst="Be brief.")
+        thread.save(tmp_path / "thread.json")
+        loaded = Thread(["old"])
+        loaded.load(tmp_path / "thread.json", clear=True)
+        assert loaded == thread
+        kinds = [msg.kind for msg in thread.get_iter(True)]
+        assert kinds == [Msg.Kind.INST, Msg.Kind.IN, Msg.Kind.OUT, Msg.Kind.IN]
