@@ -9,6 +9,8 @@ and writes it as JSON-ready ``Message``s.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +35,7 @@ Query = (
 #: so a job with images for one fails here, before it is sent. Every other provider (an
 #: OpenAI-compatible API, or ``fake``) takes OpenAI's content parts.
 _NO_IMAGES = frozenset({"llamacpp"})
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _EMPTY = "the query is empty: give the model something to answer"
 
 
@@ -90,13 +93,20 @@ def _check(thread: Thread) -> None:
     if last is None or (last.kind is Msg.Kind.IN and not last.text.strip() and not last.images):
         raise InvalidRequestError(_EMPTY)
     if thread[0].kind is not Msg.Kind.IN:
-        warnings.warn("the thread's first message is not a user (IN) message", stacklevel=4)
+        _warn("the thread's first message is not a user (IN) message")
     if last.kind is not Msg.Kind.IN:
-        warnings.warn(
+        _warn(
             "the thread's last message is not a user (IN) message: the model continues after "
-            "its own answer",
-            stacklevel=4,
+            "its own answer"
         )
+
+
+def _warn(message: str) -> None:
+    """Warn at the caller's line: the first frame outside sibylq's producer package."""
+    frame, level = sys._getframe(1), 2  # level 2: the frame that called _warn
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _message(chatml: dict[str, Any]) -> Message:

@@ -228,8 +228,9 @@ class TestThreadQueries:
     def test_a_thread_ending_with_the_models_turn_warns_and_runs(self, fake: Any) -> None:
         """Sibila: logs "Last thread message is not an IN message." and generates. sibylq:
         ``warnings.warn`` and runs (it used to raise InvalidRequestError)."""
-        with pytest.warns(UserWarning, match="last message is not a user"):
+        with pytest.warns(UserWarning, match="last message is not a user") as warned:
             assert fake.call(Thread(["Tell me a tale", "Once upon a time"])) == "fake output"
+        assert warned[0].filename == __file__  # the caller's line, not sibylq's
 
     def test_a_well_formed_thread_does_not_warn(self, fake: Any) -> None:
         with warnings.catch_warnings():
