@@ -47,16 +47,31 @@ def build_messages(
     take; warns (and goes on, as Sibila does) when the thread does not start or end with a
     user message."""
     if isinstance(query, str):  # the common case, at labeling scale: no Thread on the way
+        _check_vision(model, has_images=False)
         return _plain(query, inst)
     thread = Thread.ensure(_thread_like(query), inst)
     _check(thread)
-    if model is not None and thread.has_images and model.provider in _NO_IMAGES:
+    _check_vision(model, has_images=thread.has_images)
+    return tuple(_message(chatml) for chatml in thread.as_chatml())
+
+
+def _check_vision(model: ModelRef | None, *, has_images: bool) -> None:
+    if model is None or model.provider not in _NO_IMAGES:
+        return
+    instead = (
+        "Send image queries to an openai: model, or to an OpenAI-compatible server with a "
+        "vision model (llama.cpp's own server with --mmproj, say) through OPENAI_BASE_URL"
+    )
+    if "*" in model.name:
+        raise InvalidRequestError(
+            f"{model}: sibylq's llama.cpp workers load no multimodal projector yet (Sibila's "
+            f"'model.gguf*mmproj.gguf'); use llamacpp:<model> for text. {instead}"
+        )
+    if has_images:
         raise InvalidRequestError(
             f"{model} cannot take images: sibylq's llama.cpp workers load no multimodal "
-            "projector yet. Send image queries to an openai: model (or an OpenAI-compatible "
-            "server with a vision model, through OPENAI_BASE_URL)"
+            f"projector yet. {instead}"
         )
-    return tuple(_message(chatml) for chatml in thread.as_chatml())
 
 
 def _plain(query: str, inst: str | None) -> tuple[Message, ...]:

@@ -318,6 +318,13 @@ class TestVision:
         with pytest.raises(InvalidRequestError, match=r"cannot take images.*openai:"):
             model.call(("What is it?", URL))
 
+    def test_sibilas_projector_syntax_is_refused_plainly(self, client: Client) -> None:
+        """Sibila: ``Models.create("llamacpp:moondream2-text.gguf*moondream2-mmproj.gguf")``
+        loads both files. sibylq: not supported yet, said before anything is enqueued."""
+        model = Models.create("llamacpp:moondream2-text.gguf*moondream2-mmproj.gguf", client=client)
+        with pytest.raises(InvalidRequestError, match=r"no multimodal projector yet \(Sibila"):
+            model.call("Describe the image")
+
     def test_images_belong_to_user_messages(self, fake: Any) -> None:
         """OpenAI refuses images in assistant or system messages; sibylq refuses them before
         enqueue (Sibila sends them and the API answers 400)."""
