@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import itertools
+import operator
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 import openai
 import pydantic
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from producer import (
     Client,
@@ -135,6 +139,22 @@ class TestThreadShapes:
         """Sibila: a second IN after an IN joins the first, with ``join_sep`` ("\\n")."""
         thread = Thread([Msg.make_IN("one"), Msg.make_IN("two"), Msg.make_OUT("three")])
         assert [msg.text for msg in thread] == ["one\ntwo", "three"]
+
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from([Msg.Kind.IN, Msg.Kind.OUT]), st.text("ab", min_size=1)),
+            max_size=12,
+        )
+    )
+    def test_any_adds_leave_alternating_messages(self, adds: list[tuple[Msg.Kind, str]]) -> None:
+        """Sibila: however messages are added, the thread alternates; a run of one kind is
+        one message, its texts joined by ``join_sep``."""
+        thread = Thread()
+        for kind, text in adds:
+            thread.add(kind, text)
+        runs = itertools.groupby(adds, key=operator.itemgetter(0))
+        expected = [(kind, "\n".join(text for _, text in run)) for kind, run in runs]
+        assert [(msg.kind, msg.text) for msg in thread] == expected
 
     def test_a_text_image_tuple_is_a_user_message_with_an_image(self) -> None:
         """Sibila: ``Thread(("Extract keypoints from this image", url))``: one IN message
