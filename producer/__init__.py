@@ -21,8 +21,10 @@ from wire.errors import (
 from wire.settings import Settings, get_settings
 
 from .client import Client
+from .genout import GenOut, GenRes
 from .job import Job, JobStatus
 from .models import Model, Models
+from .thread import Msg, Thread
 
 __all__ = [
     "BackendError",
@@ -32,6 +34,8 @@ __all__ = [
     "ContractError",
     "Envelope",
     "GenConf",
+    "GenOut",
+    "GenRes",
     "InvalidRequestError",
     "Job",
     "JobCancelledError",
@@ -44,11 +48,13 @@ __all__ = [
     "Message",
     "Model",
     "Models",
+    "Msg",
     "NoWorkerError",
     "OutputValidationError",
     "PromptTooLongError",
     "Settings",
     "SibylqError",
+    "Thread",
     "UnknownModelError",
     "UnsupportedTargetError",
     "Usage",

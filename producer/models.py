@@ -22,6 +22,7 @@ from wire.modelref import ModelRef, fake_delay_s, parse_model_ref
 from wire.settings import Settings
 
 from .client import Client
+from .genout import GenMethods
 from .job import Enqueue, Job
 from .messages import Query, build_messages
 from .targets import TEXT, Target, classify_target, json_target, target_for
@@ -63,8 +64,9 @@ class Models:
         )
 
 
-class Model:
-    """A model served by workers. Build with ``Models.create``."""
+class Model(GenMethods):
+    """A model served by workers. Build with ``Models.create``. Sibila's ``gen_*`` methods
+    (which return a ``GenOut``) come from ``GenMethods``."""
 
     def __init__(
         self,
@@ -107,7 +109,7 @@ class Model:
         spec = JobSpec(
             model=str(self.ref),
             kind=kind,
-            messages=build_messages(query, inst),
+            messages=build_messages(query, inst, model=self.ref),
             json_schema=target.json_schema,
             genconf=merge_genconf(self.genconf, genconf),
         )

@@ -73,6 +73,7 @@ no client retried early (two jobs with identical messages count as one conversat
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import json
@@ -282,6 +283,8 @@ def chat_completion(body: JSON, authorization: str = "") -> JSON:
     """The response to ``POST /v1/chat/completions``; raises StubError for an error response."""
     model = _required(body, "model", str)
     messages = _required(body, "messages", list)
+    for index, message in enumerate(messages):
+        _check_message(message, f"messages[{index}]")
     _apply_model_behaviour(model, authorization)
     if body.get("stream"):
         raise StubError(400, "This stub does not support streaming.", param="stream")
@@ -307,6 +310,98 @@ def _required(body: JSON, name: str, kind: type) -> Any:
             code="invalid_type",
         )
     return value
+
+
+# -- message shapes, refused as OpenAI refuses them ---------------------------------------------
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+#: The content part types OpenAI takes per role (images: user messages only).
+_PART_TYPES = {
+    "user": ("text", "image_url", "input_audio", "file"),
+    "assistant": ("text", "refusal"),
+}
+_DATA_IMAGE = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/]+=*)", re.DOTALL)
+
+
+def _check_message(message: object, where: str) -> None:
+    if not isinstance(message, dict):
+        raise StubError(400, f"Invalid type for '{where}': expected an object.", param=where)
+    role = message.get("role")
+    if role not in _ROLES:
+        raise StubError(
+            400,
+            f"Invalid value: {role!r}. Supported values are: "
+            + ", ".join(repr(name) for name in _ROLES)
+            + ".",
+            param=f"{where}.role",
+            code="invalid_value",
+        )
+    content = message.get("content")
+    if isinstance(content, str) or (content is None and role == "assistant"):
+        return
+    if not isinstance(content, list) or not content:
+        raise StubError(
+            400,
+            f"Invalid type for '{where}.content': expected a string or a non-empty array of "
+            "content parts.",
+            param=f"{where}.content",
+            code="invalid_type",
+        )
+    for index, part in enumerate(content):
+        _check_part(part, str(role), f"{where}.content[{index}]")
+
+
+def _check_part(part: object, role: str, where: str) -> None:
+    allowed = _PART_TYPES.get(role, ("text",))
+    kind = part.get("type") if isinstance(part, dict) else None
+    if not isinstance(part, dict) or kind not in allowed:
+        raise StubError(
+            400,
+            f"Invalid value: {kind!r}. Supported values are: "
+            + " and ".join(repr(name) for name in allowed)
+            + ".",
+            param=f"{where}.type",
+            code="invalid_value",
+        )
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise StubError(400, f"Missing required parameter: '{where}.text'.", param=f"{where}.text")
+    if kind == "image_url":
+        _check_image_url(part.get("image_url"), f"{where}.image_url")
+
+
+def _check_image_url(image_url: object, where: str) -> None:
+    url = image_url.get("url") if isinstance(image_url, dict) else None
+    if not isinstance(url, str):
+        raise StubError(400, f"Missing required parameter: '{where}.url'.", param=f"{where}.url")
+    assert isinstance(image_url, dict)
+    if image_url.get("detail", "auto") not in ("auto", "low", "high"):
+        raise StubError(
+            400,
+            f"Invalid value: {image_url['detail']!r}. Supported values are: 'auto', 'low' and "
+            "'high'.",
+            param=f"{where}.detail",
+            code="invalid_value",
+        )
+    if url.startswith(("https://", "http://")):
+        return
+    match = _DATA_IMAGE.fullmatch(url)
+    if match is None:
+        raise StubError(
+            400,
+            "Invalid image URL: expected a URL with an http(s) scheme or a base64-encoded "
+            "data:image/(png|jpeg|gif|webp) URL.",
+            param=f"{where}.url",
+            code="invalid_image_url",
+        )
+    try:
+        base64.b64decode(match.group(2), validate=True)
+    except ValueError:
+        raise StubError(
+            400,
+            "You uploaded an unsupported image. Please make sure your image is valid.",
+            param=f"{where}.url",
+            code="invalid_image_format",
+        ) from None
 
 
 def _apply_model_behaviour(model: str, authorization: str) -> None:

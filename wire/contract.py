@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ContractError
 from .schema_limits import check_schema
@@ -24,9 +24,76 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: The image URLs a job may carry: a web address the API fetches itself, or the image inline.
+IMAGE_URL_PREFIXES = ("https://", "http://", "data:image/")
+
+
+class TextPart(_Frozen):
+    """A text part of a message's content, as OpenAI's chat API writes it."""
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageUrl(_Frozen):
+    """Where an image is: an ``http(s)://`` URL (the API fetches it, never sibylq) or a
+    ``data:image/<type>;base64,...`` URL. ``detail`` is OpenAI's resolution hint."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(IMAGE_URL_PREFIXES):
+            raise ValueError(
+                "an image url is an http(s):// address or a data:image/...;base64, url, "
+                f"not {url[:40]!r}"
+            )
+        if url.startswith("data:") and ";base64," not in url[:100]:
+            raise ValueError("a data: image url must be base64-encoded (data:image/<type>;base64,)")
+        return url
+
+
+class ImagePart(_Frozen):
+    """An image part of a message's content (OpenAI's ``image_url`` content part)."""
+
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class Message(_Frozen):
+    """One chat message. ``content`` is text, or parts (text and images) for vision models:
+    images only in user messages, as OpenAI's API takes them."""
+
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | tuple[ContentPart, ...]
+
+    @model_validator(mode="after")
+    def _parts(self) -> Message:
+        if isinstance(self.content, tuple):
+            if not self.content:
+                raise ValueError("a message's content parts cannot be empty")
+            if self.images and self.role != "user":
+                raise ValueError(f"images go in user messages, not in {self.role} messages")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The message's text: its content, or its text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    @property
+    def images(self) -> tuple[ImageUrl, ...]:
+        """The message's images, in order (none for a text content)."""
+        if isinstance(self.content, str):
+            return ()
+        return tuple(part.image_url for part in self.content if isinstance(part, ImagePart))
 
 
 class GenConf(_Frozen):

@@ -41,6 +41,8 @@ KEY_MARGIN_MS = 1000
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
 BYTES_PER_TOKEN = 4
+#: An image's tokens, whatever its size: OpenAI bills a high-detail 1024x1024 image about 765.
+TOKENS_PER_IMAGE = 800
 
 # Shared by the scripts: Redis's clock in unix ms (with microseconds), and how to store a time.
 _LUA_PRELUDE = """
@@ -148,9 +150,12 @@ class RateLimiter:
 def estimate_tokens(messages: Iterable[Message], max_tokens: int) -> int:
     """An upper-leaning guess of a request's tokens without a tokenizer: about four UTF-8 bytes
     per token (so non-Latin scripts count more per character), per-message overhead, and the
-    whole ``max_tokens`` the reply may use. ``reconcile`` corrects it once the usage is known."""
+    whole ``max_tokens`` the reply may use, ``TOKENS_PER_IMAGE`` per image. ``reconcile``
+    corrects it once the usage is known."""
     prompt = sum(
-        TOKENS_PER_MESSAGE + math.ceil(len(message.content.encode()) / BYTES_PER_TOKEN)
+        TOKENS_PER_MESSAGE
+        + math.ceil(len(message.text.encode()) / BYTES_PER_TOKEN)
+        + TOKENS_PER_IMAGE * len(message.images)
         for message in messages
     )
     return prompt + TOKENS_PER_REPLY + max_tokens

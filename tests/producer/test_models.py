@@ -232,7 +232,7 @@ class TestBadInput:
         with pytest.raises(InvalidRequestError):
             model.classify(labels, "x")
 
-    @pytest.mark.parametrize("query", ["", "   ", [], [{"role": "assistant", "content": "x"}]])
+    @pytest.mark.parametrize("query", ["", "   ", [], [{"role": "user", "content": " "}]])
     def test_empty_query(self, model: Any, query: Any) -> None:
         with pytest.raises(InvalidRequestError):
             model.call(query)

@@ -11,7 +11,7 @@ from typing import Any, assert_type
 
 from pydantic import BaseModel
 
-from producer import Job, Models
+from producer import GenOut, Job, Models, Msg, Thread
 
 
 @dataclasses.dataclass
@@ -50,3 +50,15 @@ async def typed_calls() -> None:
     assert_type(Job.from_id("an-id", target=Person), Job[Person])
     assert_type(Job.from_id("an-id"), Job[Any])
     assert_type(Job.from_id("an-id", target=Person).result(timeout=1), Person)
+
+
+async def sibila_shapes() -> None:
+    model = Models.create("fake")
+    thread = Thread(["a question", "an answer", "another question"], inst="Be brief.")
+    assert_type(model.extract(Person, thread), Person)
+    assert_type(model.extract(int, Msg.make_IN("how many?")), int)
+    assert_type(model.call(("what is it?", "https://example.com/a.png")), str)
+    assert_type(model.classify(Color, [{"role": "user", "content": "the sky"}]), Color)
+    assert_type(model.gen_extract(Person, thread), GenOut)
+    assert_type(await model.gen_extract_async(Person, thread), GenOut)
+    assert_type(model.gen(thread).text, str)

@@ -11,8 +11,19 @@ from typing import Any
 
 import pytest
 
-from producer import Client, Models, OutputValidationError, PromptTooLongError
+from producer import (
+    BackendError,
+    Client,
+    Job,
+    JobKind,
+    JobSpec,
+    Message,
+    Models,
+    OutputValidationError,
+    PromptTooLongError,
+)
 from tests.conftest import Worker
+from wire.constants import queue_name
 from workers.cli import llama_threads
 
 
@@ -79,6 +90,19 @@ def test_the_worker_keeps_serving_after_failures(model: Any, llama_worker: Worke
             model.call("word " * 5000)
     assert model.classify(["yes", "no"], "Is the sky blue?") in ("yes", "no")
     assert llama_worker.process.poll() is None
+
+
+def test_a_job_with_images_from_elsewhere_fails_typed(client: Client, model: Any) -> None:
+    """Producers refuse images for llama.cpp models before enqueueing; a job sent around that
+    check fails on the worker with a BackendError saying why, and the worker goes on."""
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    message = Message.model_validate({"role": "user", "content": [image]})
+    spec = JobSpec(model="llamacpp:smollm2", kind=JobKind.TEXT, messages=(message,))
+    queue = queue_name("llamacpp", "smollm2")
+    job = Job.from_id(client.submit(spec, queue), model=spec.model, client=client)
+    with pytest.raises(BackendError, match="takes no images"):
+        job.result(timeout=60)
+    assert model.classify(["yes", "no"], "Is the sky blue?") in ("yes", "no")
 
 
 @pytest.mark.parametrize("processes", [1, 2, 64])

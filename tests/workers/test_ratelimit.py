@@ -22,7 +22,14 @@ from embedded.redis_server import RedisServer, free_port
 from wire.constants import rate_limit_keys
 from wire.contract import Message
 from wire.settings import RateLimit
-from workers.ratelimit import KEY_MARGIN_MS, Grant, RateLimiter, estimate_tokens, scope_for
+from workers.ratelimit import (
+    KEY_MARGIN_MS,
+    TOKENS_PER_IMAGE,
+    Grant,
+    RateLimiter,
+    estimate_tokens,
+    scope_for,
+)
 
 #: Rounding in Redis (ms with 3 decimals) and clock drift over a few seconds.
 TOLERANCE_S = 0.005
@@ -329,3 +336,18 @@ class TestEstimateTokens:
         latin = estimate_tokens([Message(role="user", content="a" * 100)], max_tokens=0)
         cjk = estimate_tokens([Message(role="user", content="語" * 100)], max_tokens=0)
         assert cjk > latin
+
+    def test_counts_images_at_a_fixed_price_and_text_parts_as_text(self) -> None:
+        text = Message(role="user", content="y" * 800)
+        parts = Message.model_validate(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "y" * 800},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/b.png"}},
+                ],
+            }
+        )
+        with_images = estimate_tokens([parts], max_tokens=0)
+        assert with_images == estimate_tokens([text], max_tokens=0) + 2 * TOKENS_PER_IMAGE

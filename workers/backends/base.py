@@ -87,14 +87,18 @@ SCHEMA_INSTRUCTION = "Answer only with a JSON object that follows this JSON sche
 
 
 def with_schema_instruction(
-    messages: list[dict[str, str]], schema: dict[str, Any]
-) -> list[dict[str, str]]:
+    messages: list[dict[str, Any]], schema: dict[str, Any]
+) -> list[dict[str, Any]]:
     """``messages`` with ``SCHEMA_INSTRUCTION`` appended to the first system message (or as a
-    system message of its own, first)."""
+    system message of its own, first). A system message in content parts gets a text part."""
     instruction = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
     for index, message in enumerate(messages):
         if message["role"] == "system":
-            content = f"{message['content']}\n\n{instruction}"
+            content: Any = message["content"]
+            if isinstance(content, str):
+                content = f"{content}\n\n{instruction}"
+            else:
+                content = [*content, {"type": "text", "text": instruction}]
             system = {"role": "system", "content": content}
             return [*messages[:index], system, *messages[index + 1 :]]
     return [{"role": "system", "content": instruction}, *messages]

@@ -48,7 +48,8 @@ class FakeBackend:
 
 
 def _word_count(request: CompletionRequest) -> int:
-    return sum(len(message.content.split()) for message in request.messages)
+    """Words of the prompt's text; images (which the fake model accepts) count for nothing."""
+    return sum(len(message.text.split()) for message in request.messages)
 
 
 def example_value(

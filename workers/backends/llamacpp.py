@@ -110,5 +110,14 @@ def _grammar(schema_json: str) -> LlamaGrammar:
 
 
 def _chat_messages(messages: tuple[Message, ...], schema: dict[str, Any] | None) -> list[Any]:
-    chat = [message.model_dump() for message in messages]
+    """The chat as llama.cpp's text chat formats take it: string contents. Producers refuse
+    images for llama.cpp models before enqueueing; a job with images from elsewhere fails."""
+    if any(message.images for message in messages):
+        raise BackendError(
+            "this llama.cpp worker takes no images (sibylq loads no multimodal projector yet); "
+            "send image jobs to an openai: model"
+        )
+    chat: list[dict[str, Any]] = [
+        {"role": message.role, "content": message.text} for message in messages
+    ]
     return chat if schema is None else with_schema_instruction(chat, schema)

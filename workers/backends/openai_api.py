@@ -265,8 +265,9 @@ def _genconf_kwargs(genconf: GenConf, provider: ApiProvider) -> dict[str, Any]:
     return kwargs
 
 
-def _message(message: Message) -> dict[str, str]:
-    return {"role": message.role, "content": message.content}
+def _message(message: Message) -> dict[str, Any]:
+    """The message as OpenAI takes it: a string content, or content parts (text, image_url)."""
+    return message.model_dump(mode="json", exclude_none=True)
 
 
 def _mode_kwargs(
