@@ -5,7 +5,16 @@ from __future__ import annotations
 from wire.errors import UnknownModelError
 from wire.settings import Settings
 
-from .base import Backend, Completion, CompletionRequest, Deadline, RetryLater
+from .base import (
+    Backend,
+    Completion,
+    CompletionRequest,
+    Deadline,
+    Measuring,
+    ModelContext,
+    RetryLater,
+    TokenCount,
+)
 
 
 def create_backend(provider: str, settings: Settings) -> Backend:
@@ -30,6 +39,9 @@ __all__ = [
     "Completion",
     "CompletionRequest",
     "Deadline",
+    "Measuring",
+    "ModelContext",
     "RetryLater",
+    "TokenCount",
     "create_backend",
 ]
