@@ -141,7 +141,15 @@ def classify_target(labels: Any) -> Target:
             f"not {labels!r}"
         )
     _check_labels(labels)
-    return target_for(Literal[tuple(labels)])
+    return _labels_target(type(labels[0]).__name__, tuple(labels))
+
+
+@lru_cache(maxsize=512)
+def _labels_target(kind: str, labels: tuple[Any, ...]) -> Target:
+    """Keyed by the labels' type and order: ``Literal`` compares its values as a set (and
+    ``1 == 1.0``), so ``target_for``'s cache would answer ``["b", "a"]`` with the schema of
+    ``["a", "b"]``, and ``[1.0]`` with that of ``[1]``."""
+    return _build_target(Literal[labels])
 
 
 def json_target(json_schema: dict[str, Any] | str | None) -> Target:

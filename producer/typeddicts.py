@@ -67,8 +67,12 @@ def rebuild_typeddict(cls: type) -> type:
     required = frozenset(getattr(cls, "__required_keys__", frozenset()))
     fields: dict[str, Any] = {}
     for name, hint in get_type_hints(cls, include_extras=True).items():
+        marker = get_origin(hint)
+        # A marker wins: typing's own __required_keys__ misses Required/NotRequired written
+        # as strings (``from __future__ import annotations``) before Python 3.12.
+        is_required = marker is Required or (marker is not NotRequired and name in required)
         hint = portable(unmarked(hint))
-        fields[name] = Required[hint] if name in required else NotRequired[hint]
+        fields[name] = Required[hint] if is_required else NotRequired[hint]
     total = getattr(cls, "__total__", True)
     rebuilt: type = typing_extensions.TypedDict(  # type: ignore[misc]
         cls.__name__, fields, total=total
