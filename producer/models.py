@@ -359,7 +359,8 @@ class Model:
 
     @property
     def max_tokens_limit(self) -> int | None:
-        """The most output tokens a job may ask for; None: no limit but the context."""
+        """The most output tokens a job may ask for: at most the context, as in Sibila;
+        None when the context is unknown too."""
         return self._facts.context().max_tokens_limit
 
     def token_len(

@@ -51,11 +51,10 @@ def job_context(spec: JobSpec, backend: Backend, model: str) -> ModelContext:
             f"{served.ctx_len} on this worker: start the worker with a larger context "
             "(SIBYLQ_LLAMA_N_CTX for llama.cpp) or create the model with a smaller ctx_len"
         )
-    limits = [limit for limit in (served.max_tokens_limit, spec.max_tokens_limit) if limit]
-    return ModelContext(
-        ctx_len=wanted if wanted is not None else served.ctx_len,
-        max_tokens_limit=min(limits) if limits else None,
-    )
+    ctx_len = wanted if wanted is not None else served.ctx_len
+    # As Sibila: the output limit is at most the context (a known context is a limit too).
+    limits = [n for n in (served.max_tokens_limit, spec.max_tokens_limit, ctx_len) if n]
+    return ModelContext(ctx_len=ctx_len, max_tokens_limit=min(limits) if limits else None)
 
 
 def resolve_max_tokens(max_tokens: int, context: ModelContext, prompt_tokens: int) -> int:

@@ -268,7 +268,7 @@ class TestModelFacts:
     Model object (token lengths once per distinct prompt)."""
 
     def test_fake_counts_words_as_its_usage_does(self, fake: Any) -> None:
-        assert fake.ctx_len == 4096 and fake.max_tokens_limit is None
+        assert fake.ctx_len == 4096 and fake.max_tokens_limit == 4096  # at most the context
         assert fake.token_len("one two three", timeout=TIMEOUT) == 3
         envelope = fake.call_async("one two three").envelope(TIMEOUT)
         assert envelope.usage.prompt_tokens == 3
@@ -285,7 +285,7 @@ class TestModelFacts:
         self, client: Client, llama_worker: Worker
     ) -> None:
         model = Models.create("llamacpp:smollm2", client=client, genconf={"max_tokens": 1})
-        assert model.ctx_len == 2048 and model.max_tokens_limit is None
+        assert model.ctx_len == 2048 and model.max_tokens_limit == 2048  # as in Sibila
         thread = [
             {"role": "system", "content": "You answer in one word."},
             {"role": "user", "content": "What colour is the sky on a clear day?"},
@@ -301,8 +301,9 @@ class TestModelFacts:
         known = Models.create("openai:gpt-4o", client=client)
         assert (known.ctx_len, known.max_tokens_limit) == (128_000, 16_384)
         unknown = Models.create("openai:stub", client=client)
-        assert unknown.ctx_len is None
-        assert Models.create("openai:stub", client=client, ctx_len=8000).ctx_len == 8000
+        assert (unknown.ctx_len, unknown.max_tokens_limit) == (None, None)
+        given = Models.create("openai:stub", client=client, ctx_len=8000)
+        assert (given.ctx_len, given.max_tokens_limit) == (8000, 8000)
         facts = unknown.facts("how long is this prompt?", timeout=TIMEOUT)
         assert facts.token_len is not None and facts.token_len > 0
         assert not facts.token_len_exact  # no tokenizer for a remote model: an estimate
