@@ -197,6 +197,13 @@ class TestMaxTokens:
         model.call("budget-percent", genconf={"max_tokens": -10}, timeout=TIMEOUT)
         assert sent(openai_stub, "budget-percent")["max_tokens"] == 12800
 
+    def test_one_stop_string_reaches_the_server_as_a_list(
+        self, client: Client, openai_worker: Worker, openai_stub: OpenAIStub
+    ) -> None:
+        model = Models.create("openai:stub", client=client)
+        model.call("stop-one", genconf=GenConf(stop="###"), timeout=TIMEOUT)
+        assert sent(openai_stub, "stop-one")["stop"] == ["###"]
+
     def test_unknown_openai_model_sends_no_max_tokens(
         self, client: Client, openai_worker: Worker, openai_stub: OpenAIStub
     ) -> None:
