@@ -1,10 +1,11 @@
 """sibylq's producer side: everything a caller imports. It never imports llama_cpp or openai."""
 
-from wire.contract import Envelope, GenConf, JobKind, JobSpec, Message, Usage
+from wire.contract import Envelope, GenConf, JobKind, JobSpec, Message, ModelFacts, Usage
 from wire.errors import (
     BackendError,
     BrokerUnavailableError,
     ConfigurationError,
+    ContextUnavailableError,
     ContractError,
     InvalidRequestError,
     JobCancelledError,
@@ -31,6 +32,7 @@ __all__ = [
     "BrokerUnavailableError",
     "Client",
     "ConfigurationError",
+    "ContextUnavailableError",
     "ContractError",
     "Envelope",
     "GenConf",
@@ -47,6 +49,7 @@ __all__ = [
     "JobTimeoutError",
     "Message",
     "Model",
+    "ModelFacts",
     "Models",
     "Msg",
     "NoWorkerError",

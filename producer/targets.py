@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -25,6 +26,8 @@ from typing_extensions import is_typeddict
 
 from wire.errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
 from wire.schema_limits import MAX_DEPTH, check_schema
+
+from .typeddicts import portable, unmarked
 
 WRAP_KEY = "output"
 
@@ -44,6 +47,8 @@ class Target:
     json_schema: dict[str, Any] | None
     wrapped: bool = False
     adapter: TypeAdapter[Any] | None = field(default=None, compare=False)
+    #: The value comes back as JSON text (``call()`` with ``GenConf(format="json")``).
+    as_text: bool = False
 
     def parse(self, value: Any, *, raw_text: str = "", finish_reason: str = "") -> Any:
         """Convert a worker's JSON value into the target's Python value."""
@@ -55,6 +60,8 @@ class Target:
                     finish_reason=finish_reason,
                 )
             value = value[WRAP_KEY]
+        if self.as_text:
+            return json.dumps(value, ensure_ascii=False)
         if self.adapter is None:
             return value
         try:
@@ -72,7 +79,10 @@ TEXT = Target(json_schema=None)
 
 def target_for(python_type: Any) -> Target:
     """The target for ``extract(python_type, ...)``; raises UnsupportedTargetError, or
-    InvalidRequestError for a type whose schema breaks ``wire.schema_limits``."""
+    InvalidRequestError for a type whose schema breaks ``wire.schema_limits``. A list of
+    values (``["red", "blue"]``) picks one of them, as in Sibila: ``classify_target``."""
+    if isinstance(python_type, list | tuple):
+        return classify_target(python_type)
     try:
         try:
             return _cached_target(python_type)
@@ -95,6 +105,7 @@ def _cached_target(python_type: Any) -> Target:
 def _build_target(python_type: Any) -> Target:
     if inspect.isroutine(python_type):  # pydantic would validate a function's arguments
         raise UnsupportedTargetError(f"cannot use the function {python_type!r} as an output type")
+    python_type = portable(python_type)  # typing.TypedDict: pydantic < 3.12 refuses it
     base, description = _split_annotated(python_type)
     try:
         adapter: TypeAdapter[Any] = TypeAdapter(python_type)
@@ -115,7 +126,9 @@ def _build_target(python_type: Any) -> Target:
 
 
 def classify_target(labels: Any) -> Target:
-    """The target for ``classify(labels, ...)``: a list of strings, an Enum or a Literal."""
+    """The target for ``classify(labels, ...)``: a list of labels (strings, ints, floats or
+    bools, all of one type, as Sibila requires), an Enum or a Literal. The label comes back
+    in its own type."""
     if isinstance(labels, type) and issubclass(labels, Enum):
         if not list(labels):
             raise InvalidRequestError(f"enum {labels.__name__} has no members to choose from")
@@ -124,10 +137,19 @@ def classify_target(labels: Any) -> Target:
         return target_for(labels)
     if isinstance(labels, str) or not isinstance(labels, Sequence):
         raise InvalidRequestError(
-            f"labels must be a list of strings, an Enum or a Literal, not {labels!r}"
+            "labels must be a list of strings, ints, floats or bools, an Enum or a Literal, "
+            f"not {labels!r}"
         )
     _check_labels(labels)
-    return target_for(Literal[tuple(labels)])
+    return _labels_target(type(labels[0]).__name__, tuple(labels))
+
+
+@lru_cache(maxsize=512)
+def _labels_target(kind: str, labels: tuple[Any, ...]) -> Target:
+    """Keyed by the labels' type and order: ``Literal`` compares its values as a set (and
+    ``1 == 1.0``), so ``target_for``'s cache would answer ``["b", "a"]`` with the schema of
+    ``["a", "b"]``, and ``[1.0]`` with that of ``[1]``."""
+    return _build_target(Literal[labels])
 
 
 def json_target(json_schema: dict[str, Any] | str | None) -> Target:
@@ -140,14 +162,31 @@ def json_target(json_schema: dict[str, Any] | str | None) -> Target:
     return Target(json_schema=_wrap(schema), wrapped=True)
 
 
+_LABEL_TYPES = (str, int, float, bool)
+
+
 def _check_labels(labels: Sequence[Any]) -> None:
     if not labels:
         raise InvalidRequestError("labels must not be empty: give at least one label")
-    bad = [label for label in labels if not isinstance(label, str) or not label.strip()]
+    kind = type(labels[0])
+    if kind not in _LABEL_TYPES or any(type(label) is not kind for label in labels):
+        raise InvalidRequestError(
+            "labels must all be of one type, str, int, float or bool (not mixed, as in "
+            f"Sibila): {list(labels)!r}"
+        )
+    bad = [label for label in labels if not _usable_label(label)]
     if bad:
-        raise InvalidRequestError(f"every label must be a non-empty string; bad labels: {bad!r}")
+        raise InvalidRequestError(
+            f"labels must be non-empty strings or finite numbers; bad labels: {bad!r}"
+        )
     if len(set(labels)) != len(labels):
         raise InvalidRequestError(f"labels must be unique: {list(labels)!r}")
+
+
+def _usable_label(label: Any) -> bool:
+    if isinstance(label, str):
+        return bool(label.strip())
+    return not isinstance(label, float) or math.isfinite(label)
 
 
 def _load_schema(json_schema: dict[str, Any] | str) -> dict[str, Any]:
@@ -188,7 +227,7 @@ def _describe_fields(python_type: Any, schema: dict[str, Any]) -> None:
     for cls in _classes_in(python_type, set()):
         properties = _properties_of(schema, cls)
         for name, hint in get_type_hints(cls, include_extras=True).items():
-            text = _split_annotated(hint)[1]
+            text = _split_annotated(unmarked(hint))[1]
             if text and name in properties:
                 properties[name].setdefault("description", text)
 

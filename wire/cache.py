@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 import redis
 
 from .constants import cache_key
-from .contract import Envelope, JobSpec, Timings, Usage
+from .contract import (
+    ADDED_SPEC_FIELDS,
+    PRODUCER_ONLY_GENCONF,
+    Envelope,
+    JobKind,
+    JobSpec,
+    Timings,
+    Usage,
+)
 from .outcome import stage_success
 
 log = logging.getLogger(__name__)
@@ -28,10 +36,13 @@ CACHE_WORKER = "cache"
 
 def cache_digest(spec: JobSpec) -> str | None:
     """The cache digest of ``spec``, or None when its answer may vary (temperature > 0)."""
-    if spec.genconf.temperature != 0:
+    if spec.genconf.temperature != 0 or spec.kind == JobKind.INFO:  # facts: the worker's own
         return None
     shape = spec.model_dump(mode="json", include={"model", "kind", "messages", "json_schema"})
-    shape["genconf"] = spec.genconf.model_dump(mode="json")
+    shape["genconf"] = spec.genconf.model_dump(mode="json", exclude=set(PRODUCER_ONLY_GENCONF))
+    for name in ADDED_SPEC_FIELDS:  # absent while unset: digests of earlier jobs still match
+        if getattr(spec, name) is not None:
+            shape[name] = getattr(spec, name)
     canonical = json.dumps(shape, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ContractError
+from .errors import ContractError, InvalidRequestError
 from .schema_limits import check_schema
 
 CONTRACT_VERSION = 1  # the Literal[1] of JobSpec.version and Envelope.version
@@ -97,13 +97,80 @@ class Message(_Frozen):
 
 
 class GenConf(_Frozen):
-    """Generation settings. ``max_tokens`` bounds the output; output cut there fails validation."""
+    """Generation settings, with Sibila's ``GenConf`` fields and semantics.
 
-    max_tokens: int = Field(default=1024, gt=0)
+    ``max_tokens`` bounds the output (output cut there fails validation): a positive value is
+    a token count, ``0`` all of the context the prompt leaves, ``-1`` to ``-100`` that
+    percentage of the model's context. The worker resolves ``0`` and negative values against
+    the context it really has (``workers.budget``). ``stop`` is a string or a list of them.
+
+    ``format`` and ``json_schema`` ask for JSON output from ``call()`` (``Model.call`` runs a
+    JSON job then); ``special`` (Sibila's provider-specific arguments) is refused by the
+    producer: no backend takes extra arguments. These three never travel in a job.
+
+    Built with bad values it raises ``InvalidRequestError`` naming the field. A GenConf is
+    immutable: ``genconf(max_tokens=50)`` is a copy with changes, as in Sibila.
+    """
+
+    max_tokens: int = Field(default=1024, ge=-100)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    format: Literal["text", "json"] = "text"
+    json_schema: dict[str, Any] | str | None = None
+    special: dict[str, Any] | None = None
+
+    if not TYPE_CHECKING:  # mypy keeps pydantic's typed __init__
+
+        def __init__(self, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as exc:
+                raise InvalidRequestError(f"invalid genconf: {field_errors(exc)}") from exc
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, stop: Any) -> Any:
+        """Sibila takes ``stop="###"`` as well as a list."""
+        return (stop,) if isinstance(stop, str) else stop
+
+    def __call__(self, **changes: Any) -> GenConf:
+        """A copy with ``changes`` (Sibila's ``genconf(max_tokens=50)``); ``special`` is
+        updated key by key, as in Sibila."""
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise InvalidRequestError(f"GenConf has no field {', '.join(unknown)}")
+        if "special" in changes:
+            merged = {**(self.special or {}), **(changes["special"] or {})}
+            changes = {**changes, "special": merged or None}
+        return type(self)(**{**self.model_dump(exclude_unset=True), **changes})
+
+    def clone(self) -> GenConf:
+        """Sibila's ``clone()``: a GenConf is immutable, so the copy is equal and independent."""
+        return self.model_copy(deep=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenConf:
+        return cls(**data)
+
+
+def field_errors(exc: ValidationError) -> str:
+    """``exc``'s errors as ``field: what is wrong (got value)``, one per field."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(value)"
+        parts.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(parts)
+
+
+#: GenConf fields the producer resolves before enqueueing: they never travel in a job.
+PRODUCER_ONLY_GENCONF = ("format", "json_schema", "special")
+#: JobSpec fields added after the first contract: sent only when set.
+ADDED_SPEC_FIELDS = ("ctx_len", "max_tokens_limit")
 
 
 class JobKind(StrEnum):
@@ -111,6 +178,9 @@ class JobKind(StrEnum):
     JSON = "json"
     EXTRACT = "extract"
     CLASSIFY = "classify"
+    #: Facts about the model the worker serves: its context, its output limit, and the
+    #: token length of the job's messages (``workers.facts``). Value: ``ModelFacts``.
+    INFO = "info"
 
 
 def _now() -> datetime:
@@ -127,9 +197,22 @@ class JobSpec(_Frozen):
     json_schema: dict[str, Any] | None = None
     genconf: GenConf = GenConf()
     created_at: datetime = Field(default_factory=_now)
+    #: The context the caller counts on (``Models.create(ctx_len=...)``): a worker whose
+    #: model has less refuses the job (``ContextUnavailableError``); ``max_tokens`` 0 or
+    #: negative resolves against it.
+    ctx_len: int | None = Field(default=None, gt=0)
+    #: The most output tokens any job of this model may ask for (``max_tokens_limit``).
+    max_tokens_limit: int | None = Field(default=None, gt=0)
 
     def encode(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The job as JSON. Fields added to the first contract are left out while unused, so
+        a worker of an earlier release still decodes the job (and refuses one that uses
+        them, instead of ignoring what it does not know)."""
+        data = self.model_dump(mode="json", exclude={"genconf": set(PRODUCER_ONLY_GENCONF)})
+        for name in ADDED_SPEC_FIELDS:
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def decode(cls, data: object) -> JobSpec:
@@ -140,6 +223,18 @@ class JobSpec(_Frozen):
         if spec.json_schema is not None:
             check_schema(spec.json_schema)
         return spec
+
+
+class ModelFacts(_Frozen):
+    """What a worker knows of the model it serves, the value of an ``INFO`` job. None is
+    unknown: an OpenAI-compatible server does not say its context length."""
+
+    ctx_len: int | None = None
+    max_tokens_limit: int | None = None
+    #: Tokens the job's messages take in the context, chat template included.
+    token_len: int | None = None
+    #: False when ``token_len`` is an estimate (no tokenizer for the model on the worker).
+    token_len_exact: bool = True
 
 
 class Usage(_Frozen):

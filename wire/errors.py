@@ -17,6 +17,7 @@
         ├── OutputValidationError   the model's output is not valid for the requested type
         │                           (truncated at max_tokens, bad JSON, wrong shape)
         ├── PromptTooLongError      the prompt does not fit the model's context
+        ├── ContextUnavailableError the worker's model has less context than the job asks for
         └── BackendError            the model backend failed (HTTP error, load failure...)
             └── JobTimeLimitError   the job ran past SIBYLQ_JOB_TIME_LIMIT_S on its worker
 
@@ -152,6 +153,11 @@ class PromptTooLongError(JobFailedError):
     """The prompt does not fit the model's context window."""
 
 
+class ContextUnavailableError(JobFailedError):
+    """The job asks for more context (``Models.create(ctx_len=...)``) than the worker's model
+    has: start the worker with a larger context (``SIBYLQ_LLAMA_N_CTX``) or ask for less."""
+
+
 class BackendError(JobFailedError):
     """The model backend failed: an HTTP error from the API, a model that will not load..."""
 
@@ -164,5 +170,11 @@ class JobTimeLimitError(BackendError):
 #: Remote failure types the worker reports, mapped back to local classes.
 REMOTE_FAILURES: dict[str, type[JobFailedError]] = {
     cls.__name__: cls
-    for cls in (OutputValidationError, PromptTooLongError, BackendError, JobTimeLimitError)
+    for cls in (
+        OutputValidationError,
+        PromptTooLongError,
+        ContextUnavailableError,
+        BackendError,
+        JobTimeLimitError,
+    )
 }

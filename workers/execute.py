@@ -15,11 +15,21 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field
 
-from wire.contract import Envelope, JobSpec, Message, Timings, Usage, decode_model
+from wire.contract import (
+    Envelope,
+    JobKind,
+    JobSpec,
+    Message,
+    ModelFacts,
+    Timings,
+    Usage,
+    decode_model,
+)
 from wire.errors import OutputValidationError
 from wire.modelref import parse_model_ref
 
 from .backends.base import Backend, Completion, CompletionRequest, Deadline
+from .budget import budgeted, job_context, measuring, needs_budget
 
 REASK_INSTRUCTION = (
     "Your answer above is not valid: {error}. Answer again with only the corrected JSON value, "
@@ -69,23 +79,27 @@ def execute(
     if progress.started_at is None:
         progress.started_at = datetime.now(UTC)
     ref = parse_model_ref(spec.model)
+    if spec.kind == JobKind.INFO:
+        return _facts_envelope(spec, backend, ref.name, worker, progress)
+    context = job_context(spec, backend, ref.name) if needs_budget(spec) else None
     messages = spec.messages
     for reask in range(reask_max + 1):
-        completion = backend.complete(
-            CompletionRequest(
-                model=ref.name,
-                messages=messages,
-                json_schema=spec.json_schema,
-                genconf=spec.genconf,
-                options=ref.options,
-                deadline=deadline,
-            )
+        request = CompletionRequest(
+            model=ref.name,
+            messages=messages,
+            json_schema=spec.json_schema,
+            genconf=spec.genconf,
+            options=ref.options,
+            deadline=deadline,
         )
+        if context is not None:  # each re-ask's prompt is longer: resolve it again
+            request = budgeted(request, backend, context)
+        completion = backend.complete(request)
         progress.record(completion)
         if deadline is not None:
             deadline.check()
         try:
-            value = decode_output(spec, completion)
+            value = decode_output(spec, completion, max_tokens=request.genconf.max_tokens)
         except OutputValidationError as exc:
             # Output cut at max_tokens would be cut again: only a bigger budget helps.
             if reask == reask_max or completion.finish_reason == "length":
@@ -94,6 +108,32 @@ def execute(
             continue
         return _envelope(spec, completion, value, worker, progress)
     raise AssertionError("unreachable: the last re-ask returns or raises")
+
+
+def model_facts(spec: JobSpec, backend: Backend, model: str) -> ModelFacts:
+    """What an ``INFO`` job answers: the context the job gets here and its messages' length
+    (refused like any job when its ``ctx_len`` is more than the model has)."""
+    context = job_context(spec, backend, model)
+    request = CompletionRequest(
+        model=model, messages=spec.messages, json_schema=spec.json_schema, genconf=spec.genconf
+    )
+    count = measuring(backend).count_tokens(request)
+    return ModelFacts(
+        ctx_len=context.ctx_len,
+        max_tokens_limit=context.max_tokens_limit,
+        token_len=count.tokens,
+        token_len_exact=count.exact,
+    )
+
+
+def _facts_envelope(
+    spec: JobSpec, backend: Backend, model: str, worker: str, progress: Progress
+) -> Envelope:
+    facts = model_facts(spec, backend, model)
+    text = facts.model_dump_json()
+    return _envelope(
+        spec, Completion(text, "stop", Usage(), model), facts.model_dump(), worker, progress
+    )
 
 
 def reask_messages(messages: tuple[Message, ...], answer: str, error: str) -> tuple[Message, ...]:
@@ -105,13 +145,15 @@ def reask_messages(messages: tuple[Message, ...], answer: str, error: str) -> tu
     )
 
 
-def decode_output(spec: JobSpec, completion: Completion) -> Any:
-    """The completion's JSON value, checked against the job's schema (text jobs: the text)."""
+def decode_output(spec: JobSpec, completion: Completion, *, max_tokens: int | None = None) -> Any:
+    """The completion's JSON value, checked against the job's schema (text jobs: the text).
+    ``max_tokens``: the request's resolved budget (default: the job's)."""
     if spec.json_schema is None:
         return completion.text
     if completion.finish_reason == "length":
+        budget = spec.genconf.max_tokens if max_tokens is None else max_tokens
         raise _invalid(
-            f"output was cut at max_tokens={spec.genconf.max_tokens} before the JSON was "
+            f"output was cut at max_tokens={budget} before the JSON was "
             "complete; raise genconf max_tokens or ask for less",
             completion,
         )

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-from wire.contract import GenConf
+from wire.contract import PRODUCER_ONLY_GENCONF, GenConf
 
 
 def run_fingerprint(
@@ -27,7 +27,8 @@ def run_fingerprint(
         "kind": kind,
         "template": template,
         "schema": json_schema,
-        "genconf": genconf.model_dump(mode="json"),
+        # Sibila's producer-side fields left out: runs started before they existed resume
+        "genconf": genconf.model_dump(mode="json", exclude=set(PRODUCER_ONLY_GENCONF)),
         "inst": inst,
     }
     return _digest(json.dumps(payload, sort_keys=True))[:16]

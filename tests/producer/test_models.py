@@ -244,5 +244,6 @@ class TestBadInput:
             model.json("x", json_schema="{broken")
 
     def test_invalid_genconf(self, model: Any) -> None:
+        # 0 is all of the context left, -1 to -100 a percentage of it (Sibila): -101 is wrong
         with pytest.raises(InvalidRequestError, match="max_tokens"):
-            model.call("x", genconf={"max_tokens": 0})
+            model.call("x", genconf={"max_tokens": -101})

@@ -6,12 +6,12 @@ Never run: it only has to type-check.
 from __future__ import annotations
 
 import dataclasses
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any, assert_type
 
 from pydantic import BaseModel
 
-from producer import GenOut, Job, Models, Msg, Thread
+from producer import GenConf, GenOut, Job, Models, Msg, Thread
 
 
 @dataclasses.dataclass
@@ -22,6 +22,11 @@ class Person:
 
 class City(BaseModel):
     name: str
+
+
+class Size(IntEnum):
+    SMALL = 1
+    LARGE = 2
 
 
 class Color(Enum):
@@ -41,6 +46,20 @@ async def typed_calls() -> None:
     assert_type(model.classify(Color, "the sky"), Color)
     assert_type(model.classify_async(["spam", "ham"], "WIN!"), Job[str])
     assert_type(model.classify_async(Color, "the sky"), Job[Color])
+    # labels and choices beyond strings (Sibila): the label comes back in its own type
+    assert_type(model.classify([1, 2, 3], "how many?"), int)
+    assert_type(model.classify([True, False], "is it?"), bool)
+    assert_type(model.classify([0.5, 1.5], "which?"), float)
+    assert_type(model.classify(Size, "how big?"), Size)
+    assert_type(model.classify_async([1, 2, 3], "how many?"), Job[int])
+    assert_type(model.classify_async([True, False], "is it?"), Job[bool])
+    assert_type(model.extract(["red", "blue"], "which color?"), str)
+    assert_type(model.extract_async([1, 2], "which?"), Job[int])
+    # model facts (Sibila's properties), answered by a worker
+    assert_type(model.ctx_len, int | None)
+    assert_type(model.max_tokens_limit, int | None)
+    assert_type(model.token_len("how long is this?"), int)
+    assert_type(GenConf(max_tokens=0)(stop="###"), GenConf)
     assert_type(model.dataclass(Person, "John is 42"), Person)
     assert_type(model.pydantic(City, "Paris"), City)
     assert_type(model.pydantic_async(City, "Paris"), Job[City])

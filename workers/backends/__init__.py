@@ -6,7 +6,16 @@ from wire.errors import UnknownModelError
 from wire.providers import api_provider
 from wire.settings import Settings
 
-from .base import Backend, Completion, CompletionRequest, Deadline, RetryLater
+from .base import (
+    Backend,
+    Completion,
+    CompletionRequest,
+    Deadline,
+    Measuring,
+    ModelContext,
+    RetryLater,
+    TokenCount,
+)
 
 
 def create_backend(provider: str, settings: Settings) -> Backend:
@@ -32,6 +41,9 @@ __all__ = [
     "Completion",
     "CompletionRequest",
     "Deadline",
+    "Measuring",
+    "ModelContext",
     "RetryLater",
+    "TokenCount",
     "create_backend",
 ]

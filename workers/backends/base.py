@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from wire.contract import GenConf, Message, Usage
 from wire.errors import JobTimeLimitError
@@ -79,6 +79,34 @@ class Backend(Protocol):
     request may succeed later."""
 
     def complete(self, request: CompletionRequest) -> Completion: ...
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """The context a model offers (None: unknown) and the most output tokens one request may
+    ask for (None: no limit but the context)."""
+
+    ctx_len: int | None
+    max_tokens_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """Tokens a request's prompt takes; ``exact`` is False for an estimate."""
+
+    tokens: int
+    exact: bool
+
+
+@runtime_checkable
+class Measuring(Protocol):
+    """A backend that knows its model's context and counts a prompt's tokens: what resolving
+    ``max_tokens`` 0 or negative, a job's ``ctx_len`` and ``INFO`` jobs need
+    (``workers.budget``). Every bundled backend is one."""
+
+    def context(self, model: str) -> ModelContext: ...
+
+    def count_tokens(self, request: CompletionRequest) -> TokenCount: ...
 
 
 #: What a backend tells the model when it asks for JSON following a schema. Small models follow

@@ -14,7 +14,10 @@ from wire.contract import Usage
 from wire.errors import BackendError
 from wire.modelref import fake_delay_s
 
-from .base import Completion, CompletionRequest
+from .base import Completion, CompletionRequest, ModelContext, TokenCount
+
+#: The context the fake model claims: what ``max_tokens`` 0 or negative resolves against.
+FAKE_CTX_LEN = 4096
 
 _FORMAT_EXAMPLES = {
     "date-time": "2024-01-01T00:00:00Z",
@@ -27,6 +30,13 @@ _FORMAT_EXAMPLES = {
 
 
 class FakeBackend:
+    def context(self, model: str) -> ModelContext:
+        return ModelContext(ctx_len=FAKE_CTX_LEN)
+
+    def count_tokens(self, request: CompletionRequest) -> TokenCount:
+        """One token a word: the count its completions report as ``prompt_tokens``."""
+        return TokenCount(_word_count(request), exact=True)
+
     def complete(self, request: CompletionRequest) -> Completion:
         delay_s = fake_delay_s(request.options)
         deadline = request.deadline

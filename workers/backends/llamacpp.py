@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from wire.contract import Message, Usage
@@ -24,7 +25,13 @@ from wire.modelref import model_stem, parse_model_ref
 from wire.settings import Settings
 
 from ..model_files import resolve_model_path
-from .base import Completion, CompletionRequest, with_schema_instruction
+from .base import (
+    Completion,
+    CompletionRequest,
+    ModelContext,
+    TokenCount,
+    with_schema_instruction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,46 @@ class LlamaCppBackend:
         self._settings = settings
         self._models: dict[Path, Llama] = {}
         self._lock = threading.Lock()
+        self._formatters: dict[Path, Jinja2ChatFormatter | None] = {}
+
+    def context(self, model: str) -> ModelContext:
+        """The context the model was loaded with (``SIBYLQ_LLAMA_N_CTX``); no output limit
+        but that context."""
+        llm = self.load(resolve_model_path(self._served_name(model), self._settings))
+        return ModelContext(ctx_len=llm.n_ctx())
+
+    def count_tokens(self, request: CompletionRequest) -> TokenCount:
+        """The prompt's tokens as ``complete`` sends it: the schema instruction added, the
+        model's chat template applied, tokenized by the model's tokenizer. A model without a
+        chat template in its GGUF is counted without one, as an estimate."""
+        path = resolve_model_path(self._served_name(request.model), self._settings)
+        llm = self.load(path)
+        chat = _chat_messages(request.messages, request.json_schema)
+        with self._lock:
+            formatter = self._formatter(path, llm)
+            if formatter is None:
+                text = "\n".join(str(message["content"]) for message in chat)
+                return TokenCount(len(llm.tokenize(text.encode(), add_bos=True)), exact=False)
+            prompt = formatter(messages=chat)
+            tokens = llm.tokenize(
+                prompt.prompt.encode(), add_bos=not prompt.added_special, special=True
+            )
+        return TokenCount(len(tokens), exact=True)
+
+    def _formatter(self, path: Path, llm: Llama) -> Jinja2ChatFormatter | None:
+        """The GGUF's chat template, as llama-cpp-python applies it (None: it has none)."""
+        if path not in self._formatters:
+            template = llm.metadata.get("tokenizer.chat_template")
+            self._formatters[path] = (
+                None
+                if template is None
+                else Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=_token_text(llm, llm.token_eos()),
+                    bos_token=_token_text(llm, llm.token_bos()),
+                )
+            )
+        return self._formatters[path]
 
     def complete(self, request: CompletionRequest) -> Completion:
         llm = self.load(resolve_model_path(self._served_name(request.model), self._settings))
@@ -102,6 +149,10 @@ class LlamaCppBackend:
                     self._settings.llama_n_gpu_layers,
                 )
             return self._models[path]
+
+
+def _token_text(llm: Llama, token: int) -> str:
+    return "" if token == -1 else llm.detokenize([token], special=True).decode(errors="replace")
 
 
 @lru_cache(maxsize=64)

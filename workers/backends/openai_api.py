@@ -40,6 +40,8 @@ limiter further away than that is waited for parked in Redis.
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 from typing import Any
@@ -53,9 +55,18 @@ from wire.providers import API_PROVIDERS, ApiProvider, StructuredMode
 from wire.redact import redact, redact_url
 from wire.settings import RateLimit, Settings
 
-from ..ratelimit import RateLimiter, estimate_tokens, scope_for
+from ..ratelimit import BYTES_PER_TOKEN, RateLimiter, estimate_tokens, scope_for
 from ..store import result_redis
-from .base import Completion, CompletionRequest, Deadline, RetryLater, with_schema_instruction
+from .base import (
+    Completion,
+    CompletionRequest,
+    Deadline,
+    ModelContext,
+    RetryLater,
+    TokenCount,
+    with_schema_instruction,
+)
+from .context_lengths import known_context
 from .retry_after import server_delay_s
 
 Mode = StructuredMode
@@ -103,6 +114,18 @@ class OpenAIBackend:
         """The structured output mode this backend settled on for ``model``."""
         return self._modes.get(model)
 
+    def context(self, model: str) -> ModelContext:
+        """A well-known model's context (``context_lengths``); others: unknown."""
+        return known_context(model)
+
+    def count_tokens(self, request: CompletionRequest) -> TokenCount:
+        """An estimate, never exact: no tokenizer for a remote model here (tiktoken is not a
+        dependency, and servers have no counting endpoint). It leans high, as the rate
+        limiter's does: about four bytes a token, per-message overhead, and the schema."""
+        schema = request.json_schema
+        extra = 0 if schema is None else math.ceil(len(json.dumps(schema)) / BYTES_PER_TOKEN)
+        return TokenCount(estimate_tokens(request.messages, 0) + extra, exact=False)
+
     def _complete_structured(
         self, request: CompletionRequest, schema: dict[str, Any]
     ) -> Completion:
@@ -134,7 +157,7 @@ class OpenAIBackend:
         ``RetryLater``; a refused structured output mode or a permanent error propagates."""
         scope = scope_for(self._base_url, self._client.api_key, request.model)
         limits = self._limits(request.model)
-        estimate = estimate_tokens(request.messages, request.genconf.max_tokens)
+        estimate = estimate_tokens(request.messages, max(request.genconf.max_tokens, 0))
         deadline = request.deadline
         self._take_turn(scope, request.model, limits, estimate, deadline)
         timeout = self._settings.openai_timeout_s
@@ -251,11 +274,9 @@ def _text_kwargs(request: CompletionRequest, provider: ApiProvider) -> dict[str,
 
 
 def _genconf_kwargs(genconf: GenConf, provider: ApiProvider) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "max_tokens": genconf.max_tokens,
-        "temperature": genconf.temperature,
-        "top_p": genconf.top_p,
-    }
+    kwargs: dict[str, Any] = {"temperature": genconf.temperature, "top_p": genconf.top_p}
+    if genconf.max_tokens > 0:  # 0: unresolved for a model of unknown context (budget)
+        kwargs["max_tokens"] = genconf.max_tokens
     if genconf.stop:
         kwargs["stop"] = list(genconf.stop)
     if genconf.seed is not None and provider.seed_field == "seed":
