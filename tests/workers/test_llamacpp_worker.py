@@ -52,7 +52,7 @@ def test_extract_a_dataclass(model: Any) -> None:
 
 async def test_extract_async_a_list(model: Any) -> None:
     job = model.extract_async(
-        list[str], "Generate 3 English first names", genconf={"max_tokens": 256}
+        list[str], "Generate 3 English first names", genconf={"max_tokens": 96}
     )
     try:
         names = await job
