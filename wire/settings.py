@@ -91,7 +91,16 @@ class Settings(BaseSettings):
     worker_model: str | None = Field(
         default=None, description="Set by `sibylq worker MODEL`: the model this worker serves."
     )
-    llama_n_ctx: int = Field(default=2048, gt=0)
+    llama_n_ctx: int = Field(
+        default=2048, gt=0, description="Context (KV cells) of each llama.cpp sequence."
+    )
+    llama_batch: int = Field(
+        default=8,
+        ge=1,
+        description="Jobs a llama.cpp worker process decodes together (continuous batching, "
+        "a threads pool of this many); 1: one job a process, prefork. The KV cache holds "
+        "llama_batch x llama_n_ctx cells.",
+    )
     llama_n_gpu_layers: int = 0
     llama_n_threads: int | None = Field(default=None, gt=0)
     openai_concurrency: int = Field(default=64, gt=0)

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.worker import state as worker_state
 
 from wire import deadletters
 from wire.constants import FAILURES_RETENTION_S, failures_key
@@ -129,7 +130,17 @@ class _Run:
             return cached.model_copy(update={"worker": worker})
         backend = backend_for(parse_model_ref(spec.model).provider, self.settings)
         reask_max = self.settings.reask_max
-        return execute(spec, backend, worker, self.progress, reask_max, self.deadline)
+        job_id = self.task.request.id
+        return execute(
+            spec,
+            backend,
+            worker,
+            self.progress,
+            reask_max,
+            self.deadline,
+            cancelled=lambda: job_id in worker_state.revoked,
+            job_id=job_id,
+        )
 
     def finish(self, status: str, *, error: str | None = None, usage: Usage | None = None) -> None:
         metrics.record_job(

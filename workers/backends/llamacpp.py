@@ -1,9 +1,11 @@
 """The llama.cpp backend: a GGUF model loaded once per worker process, output constrained by a
 grammar built from the job's JSON schema.
 
-``Llama`` is not thread-safe: llama workers run one job at a time per process and scale by
-processes. The schema also goes into the system instruction (as Sibila does for local
-models): small models follow a grammar far better when they are told what it is for.
+``Llama`` is not thread-safe. With ``SIBYLQ_LLAMA_BATCH`` = 1 a worker runs one job at a time
+per process (prefork) through ``create_chat_completion``. Above 1, a threads pool hands its
+jobs to one batching engine per model (``llama_engine``), whose thread alone uses the model.
+The schema also goes into the system instruction (as Sibila does for local models): small
+models follow a grammar far better when they are told what it is for.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from llama_cpp import Llama
-from llama_cpp.llama_grammar import LlamaGrammar
 
-from wire.contract import Message, Usage
+from wire.contract import Usage
 from wire.errors import BackendError, ConfigurationError, PromptTooLongError
 from wire.modelref import model_stem, parse_model_ref
 from wire.settings import Settings
 
 from ..model_files import resolve_model_path
-from .base import Completion, CompletionRequest, with_schema_instruction
+from .base import Completion, CompletionRequest
+from .llama_engine import LlamaEngine
+from .llama_prompt import chat_messages
+from .llama_sequence import grammar_for
+
+#: The one-job path's context when the model serves a batching engine: ``Llama``'s own context
+#: then only backs tokenizing and the chat template.
+SPARE_N_CTX = 512
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +40,21 @@ class LlamaCppBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._models: dict[Path, Llama] = {}
+        self._engines: dict[Path, LlamaEngine] = {}
         self._lock = threading.Lock()
 
     def complete(self, request: CompletionRequest) -> Completion:
-        llm = self.load(resolve_model_path(self._served_name(request.model), self._settings))
+        path = resolve_model_path(self._served_name(request.model), self._settings)
+        if self._settings.llama_batch > 1:
+            return self.engine(path).complete(request)
+        llm = self.load(path)
         schema = request.json_schema
         genconf = request.genconf
         try:
             with self._lock:
                 response: Any = llm.create_chat_completion(
-                    messages=_chat_messages(request.messages, schema),
-                    grammar=None if schema is None else _grammar(json.dumps(schema)),
+                    messages=chat_messages(request.messages, schema),
+                    grammar=None if schema is None else grammar_for(json.dumps(schema)),
                     max_tokens=genconf.max_tokens,
                     temperature=genconf.temperature,
                     top_p=genconf.top_p,
@@ -79,14 +90,24 @@ class LlamaCppBackend:
             )
         return served.name
 
+    def engine(self, path: Path) -> LlamaEngine:
+        """The batching engine of the model at ``path``, started on first use."""
+        llm = self.load(path)
+        with self._lock:
+            if path not in self._engines:
+                batch, n_ctx = self._settings.llama_batch, self._settings.llama_n_ctx
+                self._engines[path] = LlamaEngine(llm, batch, n_ctx)
+            return self._engines[path]
+
     def load(self, path: Path) -> Llama:
         """The model at ``path``, loaded on first use and kept for the process's life."""
+        batching = self._settings.llama_batch > 1
         with self._lock:
             if path not in self._models:
                 try:
                     self._models[path] = Llama(
                         model_path=str(path),
-                        n_ctx=self._settings.llama_n_ctx,
+                        n_ctx=SPARE_N_CTX if batching else self._settings.llama_n_ctx,
                         n_gpu_layers=self._settings.llama_n_gpu_layers,
                         n_threads=self._settings.llama_n_threads,
                         verbose=False,
@@ -104,11 +125,4 @@ class LlamaCppBackend:
             return self._models[path]
 
 
-@lru_cache(maxsize=64)
-def _grammar(schema_json: str) -> LlamaGrammar:
-    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
-
-
-def _chat_messages(messages: tuple[Message, ...], schema: dict[str, Any] | None) -> list[Any]:
-    chat = [message.model_dump() for message in messages]
-    return chat if schema is None else with_schema_instruction(chat, schema)
+_chat_messages = chat_messages  # the benchmark's direct loop sends the same messages
