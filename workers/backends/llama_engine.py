@@ -88,6 +88,10 @@ class LlamaEngine:
         self._inbox.put(job)
         return job.future.result()
 
+    def active(self) -> int:
+        """Sequences being decoded now (each holds a sequence id and its KV cells)."""
+        return len(self._active)
+
     def close(self) -> None:
         """Stop the engine thread (jobs still running fail) and free the context."""
         self._inbox.put(None)

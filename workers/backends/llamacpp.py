@@ -79,6 +79,13 @@ class LlamaCppBackend:
             model=str(request.model),
         )
 
+    def close(self) -> None:
+        """Stop the batching engines (their running jobs fail); the models stay loaded."""
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            engine.close()
+
     def _served_name(self, requested: str) -> str:
         """The worker's own model file when it was started for one (``sibylq worker``)."""
         if self._settings.worker_model is None:
