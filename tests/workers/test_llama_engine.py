@@ -166,5 +166,3 @@ def test_the_engine_log_states_its_kv_cache(
         engine_of(backend)
         backend.close()
     assert "2 sequences x n_ctx 1024 = 2048 KV cells" in caplog.text
-
-

@@ -52,6 +52,24 @@ async def test_extract_async_a_list(model: Any) -> None:
         assert all(isinstance(name, str) for name in names)
 
 
+async def test_a_burst_of_classify_and_extract_jobs_runs_at_once_in_one_process(
+    model: Any, llama_worker: Worker
+) -> None:
+    jobs = [
+        *(model.classify_async(["spam", "ham"], f"Is this SMS spam? Offer {n}!") for n in range(5)),
+        *(model.extract_async(Person, f"Ann Lee is {n + 30} and lives in Rome.") for n in range(3)),
+    ]
+    envelopes = [await job.envelope_async(timeout=180) for job in jobs]
+    values = [job.value_of(envelope) for job, envelope in zip(jobs, envelopes, strict=True)]
+    assert all(value in ("spam", "ham") for value in values[:5])
+    assert all(isinstance(value, Person) for value in values[5:])
+    # One worker process (one model copy) ran every job, all at the same time.
+    assert len({envelope.worker for envelope in envelopes}) == 1
+    timings = [envelope.timings for envelope in envelopes]
+    assert max(t.started_at for t in timings) < min(t.finished_at for t in timings)
+    assert "llama batching engine: 8 sequences x n_ctx 2048 = 16384 KV cells" in llama_worker.log()
+
+
 def test_text_and_envelope(model: Any) -> None:
     envelope = model.call_async("Say hello.", genconf={"max_tokens": 16}).envelope(timeout=60)
     assert isinstance(envelope.value, str)
