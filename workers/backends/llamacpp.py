@@ -130,6 +130,3 @@ class LlamaCppBackend:
                     self._settings.llama_n_gpu_layers,
                 )
             return self._models[path]
-
-
-_chat_messages = chat_messages  # the benchmark's direct loop sends the same messages
