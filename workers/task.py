@@ -32,7 +32,13 @@ from wire import deadletters
 from wire.constants import FAILURES_RETENTION_S, failures_key
 from wire.contract import Envelope, Failure, JobSpec, Usage
 from wire.deadletters import DeadLetter, RawMessage
-from wire.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
+from wire.errors import (
+    BackendError,
+    ConfigurationError,
+    JobCancelledError,
+    JobFailedError,
+    SibylqError,
+)
 from wire.modelref import parse_model_ref, serves
 from wire.settings import Settings, get_settings
 
@@ -80,6 +86,11 @@ def run_job(
         raise
     except RetryLater as exc:
         raise run.retry_later(exc) from None
+    except JobCancelledError:  # revoked while it ran, and ended by its backend
+        if job_id:
+            task.backend.mark_as_revoked(job_id, "revoked while it ran")
+        run.finish("revoked")
+        raise Ignore() from None
     except JobFailure as exc:
         raise run.failed(Failure.decode(exc.args[0])) from None
     except SibylqError as exc:

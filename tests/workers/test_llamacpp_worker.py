@@ -6,13 +6,17 @@ SmolLM2-135M is a weak model: these tests check validity and types, never accura
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 import pytest
+import redis
 
-from producer import Client, Models, OutputValidationError, PromptTooLongError
-from tests.conftest import Worker
+from embedded.redis_server import RedisServer
+from producer import Client, JobCancelledError, Models, OutputValidationError, PromptTooLongError
+from tests.conftest import Worker, wait_for
+from wire.constants import result_key
 from workers.cli import llama_threads
 
 
@@ -68,6 +72,25 @@ async def test_a_burst_of_classify_and_extract_jobs_runs_at_once_in_one_process(
     timings = [envelope.timings for envelope in envelopes]
     assert max(t.started_at for t in timings) < min(t.finished_at for t in timings)
     assert "llama batching engine: 8 sequences x n_ctx 2048 = 16384 KV cells" in llama_worker.log()
+
+
+def test_a_revoked_job_ends_mid_generation(
+    model: Any, llama_worker: Worker, redis_server: RedisServer
+) -> None:
+    job = model.call_async("Write a very long story about a dragon.", genconf={"max_tokens": 2000})
+    store = redis.Redis.from_url(redis_server.url)
+
+    def stored(job_id: str, status: str) -> bytes | None:
+        raw = store.get(result_key(job_id))
+        return raw if raw is not None and f'"{status}"'.encode() in raw else None
+
+    wait_for("the job to start", lambda: stored(job.id, "STARTED"), 60)
+    job.cancel()
+    with pytest.raises(JobCancelledError):
+        job.result(timeout=30)
+    # The engine ended the sequence (2000 tokens would take minutes) and stored it revoked.
+    meta = json.loads(wait_for("the stored state", lambda: stored(job.id, "REVOKED"), 60))
+    assert meta["status"] == "REVOKED"
 
 
 def test_text_and_envelope(model: Any) -> None:
