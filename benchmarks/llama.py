@@ -161,7 +161,8 @@ async def _answer(job: Job[Any]) -> Answer:
 
 
 def run(ctx: Context) -> Result:
-    count, blocks = ctx.rows or ctx.size(40, 4), ctx.size(4, 1)
+    count = ctx.rows or ctx.size(40, 4)
+    blocks = max(1, min(ctx.size(4, 1), count // BATCH))  # a block fills the batch
     rows = load_sms(count + 2)
     warmup, rows = rows[count:], rows[:count]
     result = Result(
@@ -214,6 +215,7 @@ def _interleave(
                 elapsed = time.perf_counter() - started
                 rates, token_rates, kept = outcome[(task, side)]
                 rates.append(len(block) / elapsed)
+                print(f"llama: block {index} {task} {side}: {rates[-1]:.3f} rows/s", flush=True)
                 token_rates.append(sum(a.completion_tokens for a in answers) / elapsed)
                 kept.extend(answers)
     return outcome
