@@ -133,13 +133,12 @@ class LlamaEngine:
                 self._waiting.remove(job)
                 job.future.set_exception(error)
         for seq_id, (job, sequence) in list(self._active.items()):
-            error = job.ended()
-            if error is not None:
-                self._release(seq_id)
-                job.future.set_exception(error)
-            elif sequence.finish_reason is not None:
+            if sequence.finish_reason is not None:
                 self._release(seq_id)
                 job.future.set_result(sequence.completion())
+            elif (error := job.ended()) is not None:
+                self._release(seq_id)
+                job.future.set_exception(error)
 
     def _admit(self) -> None:
         free = [seq_id for seq_id in range(self._n_seq) if seq_id not in self._active]
@@ -175,8 +174,12 @@ class LlamaEngine:
         """One ``llama_decode`` over every active sequence, then one sample for each sequence
         whose prompt is all in."""
         sampled = self._fill_batch()
-        if llama_cpp.llama_decode(self._ctx.ctx, self._batch) != 0:
-            raise RuntimeError("llama_decode failed")
+        code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        if code != 0:  # the batch's sequences fail; the engine serves the next ones
+            for seq_id, (job, _) in list(self._active.items()):
+                self._release(seq_id)
+                job.future.set_exception(BackendError(f"llama_decode failed with code {code}"))
+            return
         for seq_id, index in sampled:
             sequence = self._active[seq_id][1]
             token = llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx.ctx, index)
