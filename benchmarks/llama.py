@@ -9,7 +9,7 @@ the machine's noise falls on all; figures are medians of the block rates:
   row with the same messages (the backend's own schema instruction), the same grammar (from
   the same JSON schema) and the same settings (``n_ctx``, threads, ``GenConf`` defaults);
 - ``sibylq worker llamacpp:smollm2`` at ``SIBYLQ_LLAMA_BATCH=1`` (prefork, one job a process);
-- the same worker at its default batch (one process, a threads pool feeding the continuous
+- the same worker at ``SIBYLQ_LLAMA_BATCH=8`` (one process, a threads pool feeding the continuous
   batching engine), ``*_async`` for a block of rows at once.
 
 Each side reports rows/s, completion tokens/s, the share of schema-valid answers, and (greedy
@@ -40,8 +40,8 @@ LABELS = ["spam", "ham"]
 PROMPT = "Is this SMS spam? {text}"
 EXTRACT_PROMPT = "List three words from this SMS: {text}"
 MODEL = "llamacpp:smollm2"
-#: The batched worker's sequences: ``SIBYLQ_LLAMA_BATCH``'s default.
-BATCH: int = Settings.model_fields["llama_batch"].default
+#: The batched worker's sequences (``SIBYLQ_LLAMA_BATCH``).
+BATCH = 8
 SIDES = ("direct", "N=1", f"N={BATCH}")
 TASKS = ("classify", "extract")
 #: Both sides' settings: greedy, and a bound on a tiny model's occasional endless list.
@@ -169,7 +169,7 @@ def run(ctx: Context) -> Result:
         NAME,
         f"local llama.cpp, {count} SMS rows classified and extracted (SmolLM2-135M)",
         sibylq_side=f"facade *_async, one `sibylq worker {MODEL}` at SIBYLQ_LLAMA_BATCH=1 "
-        f"(prefork) and at its default {BATCH} (continuous batching, one process)",
+        f"(prefork) and at {BATCH} (continuous batching, one process)",
         baseline_side="llama-cpp-python loop in one process: same messages, grammar, settings",
         params={"rows": count, "blocks": blocks, "prompts": [PROMPT, EXTRACT_PROMPT]},
     )

@@ -20,8 +20,8 @@ from .supervisor import Child, child_command, split_concurrency, supervise
 
 DESCRIPTION = (
     "Start a Celery worker serving MODEL's queue at SIBYLQ_BROKER_URL, with the pool that suits "
-    "the model: threads feeding one batching engine a process for llama.cpp (prefork, one job "
-    "a process, at SIBYLQ_LLAMA_BATCH=1); threads for remote APIs."
+    "the model: prefork, one job a process, for llama.cpp (threads feeding one batching "
+    "engine a process at SIBYLQ_LLAMA_BATCH>1); threads for remote APIs."
 )
 EPILOG = (
     "examples:\n  export SIBYLQ_BROKER_URL=redis://localhost:6379/0\n"
@@ -41,7 +41,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "SIBYLQ_LLAMA_BATCH for llama.cpp, SIBYLQ_OPENAI_CONCURRENCY for APIs, 8 for fake)"
     )  # fmt: skip
     parser.add_argument(
-        "-P", "--pool", help="Celery pool (default: threads; prefork at SIBYLQ_LLAMA_BATCH=1)"
+        "-P", "--pool", help="Celery pool (default: prefork for llama.cpp unbatched, else threads)"
     )
     parser.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
     parser.add_argument("-l", "--loglevel", default="INFO", help="Celery's log level")

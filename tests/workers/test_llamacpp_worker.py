@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ import redis
 from embedded.redis_server import RedisServer
 from producer import Client, JobCancelledError, Models, OutputValidationError, PromptTooLongError
 from tests.conftest import Worker, wait_for
-from wire.constants import result_key
+from wire.constants import queue_name, result_key
 from workers.cli import llama_threads
 
 
@@ -27,9 +28,25 @@ class Person:
     city: str
 
 
+BATCH_QUEUE = queue_name("llamacpp", "batching")
+
+
 @pytest.fixture
 def model(client: Client, llama_worker: Worker) -> Any:
     return Models.create("llamacpp:smollm2", client=client, genconf={"max_tokens": 128})
+
+
+@pytest.fixture(scope="module")
+def batch_worker(start_worker: Callable[..., Worker]) -> Worker:
+    """A worker decoding 8 jobs together in one process (``SIBYLQ_LLAMA_BATCH=8``)."""
+    env = {"SIBYLQ_LLAMA_BATCH": "8"}
+    return start_worker("llamacpp:smollm2", "-Q", BATCH_QUEUE, queue=BATCH_QUEUE, env=env)
+
+
+@pytest.fixture
+def batched(client: Client, batch_worker: Worker) -> Any:
+    genconf = {"max_tokens": 128}
+    return Models.create("llamacpp:smollm2", client=client, queue=BATCH_QUEUE, genconf=genconf)
 
 
 def test_classify_returns_one_of_the_labels(model: Any) -> None:
@@ -57,8 +74,9 @@ async def test_extract_async_a_list(model: Any) -> None:
 
 
 async def test_a_burst_of_classify_and_extract_jobs_runs_at_once_in_one_process(
-    model: Any, llama_worker: Worker
+    batched: Any, batch_worker: Worker
 ) -> None:
+    model = batched
     jobs = [
         *(model.classify_async(["spam", "ham"], f"Is this SMS spam? Offer {n}!") for n in range(5)),
         *(model.extract_async(Person, f"Ann Lee is {n + 30} and lives in Rome.") for n in range(3)),
@@ -71,13 +89,12 @@ async def test_a_burst_of_classify_and_extract_jobs_runs_at_once_in_one_process(
     assert len({envelope.worker for envelope in envelopes}) == 1
     timings = [envelope.timings for envelope in envelopes]
     assert max(t.started_at for t in timings) < min(t.finished_at for t in timings)
-    assert "llama batching engine: 8 sequences x n_ctx 2048 = 16384 KV cells" in llama_worker.log()
+    assert "llama batching engine: 8 sequences x n_ctx 2048 = 16384 KV cells" in batch_worker.log()
 
 
-def test_a_revoked_job_ends_mid_generation(
-    model: Any, llama_worker: Worker, redis_server: RedisServer
-) -> None:
-    job = model.call_async("Write a very long story about a dragon.", genconf={"max_tokens": 2000})
+def test_a_revoked_job_ends_mid_generation(batched: Any, redis_server: RedisServer) -> None:
+    story = "Write a very long story about a dragon."
+    job = batched.call_async(story, genconf={"max_tokens": 2000})
     store = redis.Redis.from_url(redis_server.url)
 
     def stored(job_id: str, status: str) -> bytes | None:
