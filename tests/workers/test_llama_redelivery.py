@@ -60,7 +60,9 @@ def test_a_worker_killed_mid_batch_has_every_job_run_again_and_finished_once(
     envelopes = [job.envelope(timeout=240) for job in jobs]
     assert all(f"-{survivor.process.pid}@" in envelope.worker for envelope in envelopes)
     assert all(envelope.usage.completion_tokens > 0 for envelope in envelopes)
-    for job in jobs:
-        assert executions([doomed, survivor], job.id) == 1
+    for job in jobs:  # a run logs its success just after it stores its result
+        ran = lambda job=job: executions([doomed, survivor], job.id)  # noqa: E731
+        wait_for("the run's log line", ran, 30)
+        assert ran() == 1
         assert int(store.get(attempts_key(job.id)) or 0) == 2
     store.close()
