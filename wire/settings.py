@@ -94,7 +94,17 @@ class Settings(BaseSettings):
     worker_model: str | None = Field(
         default=None, description="Set by `sibylq worker MODEL`: the model this worker serves."
     )
-    llama_n_ctx: int = Field(default=2048, gt=0)
+    llama_n_ctx: int = Field(
+        default=2048, gt=0, description="Context (KV cells) of each llama.cpp sequence."
+    )
+    llama_batch: int = Field(
+        default=1,
+        ge=1,
+        description="Jobs a llama.cpp worker process decodes together (continuous batching, "
+        "a threads pool of this many); 1: one job a process, prefork. The KV cache holds "
+        "llama_batch x llama_n_ctx cells. 1 by default: on 2 CPU cores batching measured "
+        "slower than one job at a time (benchmarks/llama.py).",
+    )
     llama_n_gpu_layers: int = 0
     llama_n_threads: int | None = Field(default=None, gt=0)
     openai_base_url: str | None = Field(

@@ -21,7 +21,8 @@ from .supervisor import Child, child_command, split_concurrency, supervise
 
 DESCRIPTION = (
     "Start a Celery worker serving MODEL's queue at SIBYLQ_BROKER_URL, with the pool that suits "
-    "the model: prefork, one job a process, for llama.cpp; threads for remote APIs."
+    "the model: prefork, one job a process, for llama.cpp (threads feeding one batching "
+    "engine a process at SIBYLQ_LLAMA_BATCH>1); threads for remote APIs."
 )
 EPILOG = (
     "examples:\n  export SIBYLQ_BROKER_URL=redis://localhost:6379/0\n"
@@ -38,11 +39,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help=f"{'|'.join(API_PROVIDERS)}[:name], llamacpp:<name or .gguf path>, or fake[:delay=S]",
     )
     parser.add_argument(
-        "-c", "--concurrency", type=int, metavar="N", help="jobs at once (default: 1 a "
-        "process for llama.cpp, SIBYLQ_OPENAI_CONCURRENCY for APIs, 8 for fake)"
+        "-c", "--concurrency", type=int, metavar="N", help="jobs at once (default: "
+        "SIBYLQ_LLAMA_BATCH for llama.cpp, SIBYLQ_OPENAI_CONCURRENCY for APIs, 8 for fake)"
     )  # fmt: skip
     parser.add_argument(
-        "-P", "--pool", help="Celery pool (default: prefork for llama.cpp, threads otherwise)"
+        "-P", "--pool", help="Celery pool (default: prefork for llama.cpp unbatched, else threads)"
     )
     parser.add_argument("-Q", "--queue", help="consume this queue instead of the model's own")
     parser.add_argument("-l", "--loglevel", default="INFO", help="Celery's log level")
@@ -93,12 +94,14 @@ class PoolDefaults:
 
 
 def pool_defaults(ref: ModelRef, settings: Settings) -> PoolDefaults:
-    """APIs are I/O-bound: many threads share one HTTP client. ``Llama`` is not thread-safe
-    and fills a core: one job per process, and a process per model copy."""
+    """APIs are I/O-bound: many threads share one HTTP client. ``Llama`` is not thread-safe:
+    with batching (``SIBYLQ_LLAMA_BATCH`` > 1) a threads pool of that many hands its jobs to
+    the process's one engine thread; without, one job per process (prefork)."""
     if api_provider(ref.provider) is not None:
         return PoolDefaults("threads", settings.openai_concurrency)
     if ref.provider == "llamacpp":
-        return PoolDefaults("prefork", 1)
+        batch = settings.llama_batch
+        return PoolDefaults("threads", batch) if batch > 1 else PoolDefaults("prefork", 1)
     return PoolDefaults("threads", 8)
 
 
@@ -112,6 +115,26 @@ def llama_threads(processes: int) -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return max(1, cpus // max(1, processes))
+
+
+def llama_environment(pool: str, concurrency: int, processes: int, settings: Settings) -> Settings:
+    """The settings a llama.cpp worker's processes inherit: a threads pool's engine batches as
+    many sequences as the pool has threads (prefork: one job a process, no batching), and
+    unset CPU threads are shared among the processes that run llama.cpp."""
+    batch = concurrency if pool == "threads" else 1
+    os.environ["SIBYLQ_LLAMA_BATCH"] = str(batch)
+    if settings.llama_n_threads is None:
+        llama_processes = processes if pool == "threads" else concurrency
+        os.environ["SIBYLQ_LLAMA_N_THREADS"] = str(llama_threads(llama_processes))
+    get_settings.cache_clear()
+    settings = get_settings()
+    if batch > 1:
+        print(
+            f"sibylq: llama.cpp batching {batch} sequences a process: KV cache of "
+            f"{batch} x n_ctx {settings.llama_n_ctx} = {batch * settings.llama_n_ctx} cells",
+            file=sys.stderr,
+        )
+    return settings
 
 
 def run_worker(
@@ -138,10 +161,8 @@ def run_worker(
         check_usable(url, settings)  # exit now, not retry a refused password forever
     defaults = pool_defaults(ref, settings)
     pool, concurrency = pool or defaults.pool, concurrency or defaults.concurrency
-    if ref.provider == "llamacpp" and settings.llama_n_threads is None:
-        os.environ["SIBYLQ_LLAMA_N_THREADS"] = str(llama_threads(concurrency))  # pool inherits
-        get_settings.cache_clear()
-        settings = get_settings()
+    if ref.provider == "llamacpp":
+        settings = llama_environment(pool, concurrency, processes, settings)
     if processes > 1:
         argv = [str(ref), f"--pool={pool}", f"--loglevel={loglevel}"]
         argv += [f"--queue={queue}"] if queue else []

@@ -8,6 +8,7 @@ summed in ``Progress``, which also survives a job parked for a retry (``workers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
@@ -71,11 +72,14 @@ def execute(
     progress: Progress,
     reask_max: int = 0,
     deadline: Deadline | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    job_id: str | None = None,
 ) -> Envelope:
     """Complete ``spec`` with ``backend``; raises a SibylqError subclass when it fails, and
     ``RetryLater`` (from the backend) when it should run again later. Past ``deadline`` the
     job fails with ``JobTimeLimitError``: backends end their calls by it, and an answer that
-    comes back later anyway is refused."""
+    comes back later anyway is refused. ``cancelled`` says whether the job (``job_id``) was
+    revoked meanwhile, for backends that can end a request midway."""
     if progress.started_at is None:
         progress.started_at = datetime.now(UTC)
     ref = parse_model_ref(spec.model)
@@ -91,6 +95,8 @@ def execute(
             genconf=spec.genconf,
             options=ref.options,
             deadline=deadline,
+            job_id=job_id,
+            cancelled=cancelled,
         )
         if context is not None:  # each re-ask's prompt is longer: resolve it again
             request = budgeted(request, backend, context)

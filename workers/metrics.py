@@ -194,7 +194,8 @@ def record_job(
     duration_s: float | None = None,
     usage: Usage | None = None,
 ) -> None:
-    """A job's outcome: ``status`` succeeded, failed (with ``error``, its type) or skipped."""
+    """A job's outcome: ``status`` succeeded, failed (with ``error``, its type), skipped or
+    revoked (ended midway by its backend)."""
     if not enabled(settings):
         return
     metrics = _job_metrics()

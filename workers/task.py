@@ -26,12 +26,19 @@ from typing import Any
 import redis
 from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.worker import state as worker_state
 
 from wire import deadletters
 from wire.constants import FAILURES_RETENTION_S, failures_key
 from wire.contract import Envelope, Failure, JobSpec, Usage
 from wire.deadletters import DeadLetter, RawMessage
-from wire.errors import BackendError, ConfigurationError, JobFailedError, SibylqError
+from wire.errors import (
+    BackendError,
+    ConfigurationError,
+    JobCancelledError,
+    JobFailedError,
+    SibylqError,
+)
 from wire.modelref import parse_model_ref, serves
 from wire.settings import Settings
 
@@ -88,6 +95,11 @@ def run_job(task: JobTask, payload: dict[str, Any], carry: dict[str, Any] | None
         raise
     except RetryLater as exc:
         raise run.retry_later(exc) from None
+    except JobCancelledError:  # revoked while it ran, and ended by its backend
+        if job_id:
+            task.backend.mark_as_revoked(job_id, "revoked while it ran")
+        run.finish("revoked")
+        raise Ignore() from None
     except JobFailure as exc:
         raise run.failed(Failure.decode(exc.args[0])) from None
     except SibylqError as exc:
@@ -138,7 +150,17 @@ class _Run:
             return cached.model_copy(update={"worker": worker})
         backend = self.task.backends.for_provider(parse_model_ref(spec.model).provider)
         reask_max = self.settings.reask_max
-        return execute(spec, backend, worker, self.progress, reask_max, self.deadline)
+        job_id = self.task.request.id
+        return execute(
+            spec,
+            backend,
+            worker,
+            self.progress,
+            reask_max,
+            self.deadline,
+            cancelled=lambda: job_id in worker_state.revoked,
+            job_id=job_id,
+        )
 
     def finish(self, status: str, *, error: str | None = None, usage: Usage | None = None) -> None:
         metrics.record_job(

@@ -6,15 +6,20 @@ SmolLM2-135M is a weak model: these tests check validity and types, never accura
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
+from embedded.redis_server import RedisServer
 from producer import (
     BackendError,
     Client,
     Job,
+    JobCancelledError,
     JobKind,
     JobSpec,
     Message,
@@ -22,8 +27,8 @@ from producer import (
     OutputValidationError,
     PromptTooLongError,
 )
-from tests.conftest import Worker
-from wire.constants import queue_name
+from tests.conftest import Worker, wait_for
+from wire.constants import queue_name, result_key
 from workers.cli import llama_threads
 
 
@@ -34,9 +39,25 @@ class Person:
     city: str
 
 
+BATCH_QUEUE = queue_name("llamacpp", "batching")
+
+
 @pytest.fixture
 def model(client: Client, llama_worker: Worker) -> Any:
     return Models.create("llamacpp:smollm2", client=client, genconf={"max_tokens": 128})
+
+
+@pytest.fixture(scope="module")
+def batch_worker(start_worker: Callable[..., Worker]) -> Worker:
+    """A worker decoding 8 jobs together in one process (``SIBYLQ_LLAMA_BATCH=8``)."""
+    env = {"SIBYLQ_LLAMA_BATCH": "8"}
+    return start_worker("llamacpp:smollm2", "-Q", BATCH_QUEUE, queue=BATCH_QUEUE, env=env)
+
+
+@pytest.fixture
+def batched(client: Client, batch_worker: Worker) -> Any:
+    genconf = {"max_tokens": 128}
+    return Models.create("llamacpp:smollm2", client=client, queue=BATCH_QUEUE, genconf=genconf)
 
 
 def test_classify_returns_one_of_the_labels(model: Any) -> None:
@@ -61,6 +82,43 @@ async def test_extract_async_a_list(model: Any) -> None:
     else:
         assert isinstance(names, list)
         assert all(isinstance(name, str) for name in names)
+
+
+async def test_a_burst_of_classify_and_extract_jobs_runs_at_once_in_one_process(
+    batched: Any, batch_worker: Worker
+) -> None:
+    model = batched
+    jobs = [
+        *(model.classify_async(["spam", "ham"], f"Is this SMS spam? Offer {n}!") for n in range(5)),
+        *(model.extract_async(Person, f"Ann Lee is {n + 30} and lives in Rome.") for n in range(3)),
+    ]
+    envelopes = [await job.envelope_async(timeout=180) for job in jobs]
+    values = [job.value_of(envelope) for job, envelope in zip(jobs, envelopes, strict=True)]
+    assert all(value in ("spam", "ham") for value in values[:5])
+    assert all(isinstance(value, Person) for value in values[5:])
+    # One worker process (one model copy) ran every job, all at the same time.
+    assert len({envelope.worker for envelope in envelopes}) == 1
+    timings = [envelope.timings for envelope in envelopes]
+    assert max(t.started_at for t in timings) < min(t.finished_at for t in timings)
+    assert "llama batching engine: 8 sequences x n_ctx 2048 = 16384 KV cells" in batch_worker.log()
+
+
+def test_a_revoked_job_ends_mid_generation(batched: Any, redis_server: RedisServer) -> None:
+    story = "Write a very long story about a dragon."
+    job = batched.call_async(story, genconf={"max_tokens": 2000})
+    store = redis.Redis.from_url(redis_server.url)
+
+    def stored(job_id: str, status: str) -> bytes | None:
+        raw = store.get(result_key(job_id))
+        return raw if raw is not None and f'"{status}"'.encode() in raw else None
+
+    wait_for("the job to start", lambda: stored(job.id, "STARTED"), 60)
+    job.cancel()
+    with pytest.raises(JobCancelledError):
+        job.result(timeout=30)
+    # The engine ended the sequence (2000 tokens would take minutes) and stored it revoked.
+    meta = json.loads(wait_for("the stored state", lambda: stored(job.id, "REVOKED"), 60))
+    assert meta["status"] == "REVOKED"
 
 
 def test_text_and_envelope(model: Any) -> None:

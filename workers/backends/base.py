@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,6 +48,11 @@ class CompletionRequest:
     genconf: GenConf
     options: Mapping[str, str] = field(default_factory=dict)
     deadline: Deadline | None = None
+    #: The job's id, and whether it was revoked meanwhile (backends that can end a request
+    #: midway, such as the llama batching engine, free its place and raise
+    #: ``JobCancelledError``).
+    job_id: str | None = None
+    cancelled: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The llama.cpp backend: a GGUF model loaded once per worker process, output constrained by a
 grammar built from the job's JSON schema.
 
-``Llama`` is not thread-safe: llama workers run one job at a time per process and scale by
-processes. The schema also goes into the system instruction (as Sibila does for local
-models): small models follow a grammar far better when they are told what it is for.
+``Llama`` is not thread-safe. With ``SIBYLQ_LLAMA_BATCH`` = 1 a worker runs one job at a time
+per process (prefork) through ``create_chat_completion``. Above 1, a threads pool hands its
+jobs to one batching engine per model (``llama_engine``), whose thread alone uses the model.
+The schema also goes into the system instruction (as Sibila does for local models): small
+models follow a grammar far better when they are told what it is for.
 """
 
 from __future__ import annotations
@@ -11,15 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from llama_cpp import Llama
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import LlamaGrammar
 
-from wire.contract import Message, Usage
+from wire.contract import Usage
 from wire.errors import BackendError, ConfigurationError, PromptTooLongError
 from wire.modelref import model_stem, parse_model_ref
 from wire.settings import Settings
@@ -30,8 +29,14 @@ from .base import (
     CompletionRequest,
     ModelContext,
     TokenCount,
-    with_schema_instruction,
 )
+from .llama_engine import LlamaEngine
+from .llama_prompt import chat_messages, chat_prompt
+from .llama_sequence import grammar_for
+
+#: The one-job path's context when the model serves a batching engine: ``Llama``'s own context
+#: then only backs tokenizing and the chat template.
+SPARE_N_CTX = 512
 
 log = logging.getLogger(__name__)
 
@@ -40,57 +45,37 @@ class LlamaCppBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._models: dict[Path, Llama] = {}
+        self._engines: dict[Path, LlamaEngine] = {}
         self._lock = threading.Lock()
-        self._formatters: dict[Path, Jinja2ChatFormatter | None] = {}
 
     def context(self, model: str) -> ModelContext:
-        """The context the model was loaded with (``SIBYLQ_LLAMA_N_CTX``); no output limit
-        but that context."""
+        """A job's context: ``SIBYLQ_LLAMA_N_CTX`` (each of a batching engine's sequences has
+        that much); no output limit but that context."""
         llm = self.load(resolve_model_path(self._served_name(model), self._settings))
-        return ModelContext(ctx_len=llm.n_ctx())
+        batching = self._settings.llama_batch > 1
+        return ModelContext(ctx_len=self._settings.llama_n_ctx if batching else llm.n_ctx())
 
     def count_tokens(self, request: CompletionRequest) -> TokenCount:
-        """The prompt's tokens as ``complete`` sends it: the schema instruction added, the
-        model's chat template applied, tokenized by the model's tokenizer. A model without a
-        chat template in its GGUF is counted without one, as an estimate."""
-        path = resolve_model_path(self._served_name(request.model), self._settings)
-        llm = self.load(path)
-        chat = _chat_messages(request.messages, request.json_schema)
+        """The prompt's tokens as ``complete`` evaluates them: the schema instruction added,
+        the model's chat handler applied (``llama_prompt``), tokenized by the model."""
+        llm = self.load(resolve_model_path(self._served_name(request.model), self._settings))
+        chat = chat_messages(request.messages, request.json_schema)
         with self._lock:
-            formatter = self._formatter(path, llm)
-            if formatter is None:
-                text = "\n".join(str(message["content"]) for message in chat)
-                return TokenCount(len(llm.tokenize(text.encode(), add_bos=True)), exact=False)
-            prompt = formatter(messages=chat)
-            tokens = llm.tokenize(
-                prompt.prompt.encode(), add_bos=not prompt.added_special, special=True
-            )
-        return TokenCount(len(tokens), exact=True)
-
-    def _formatter(self, path: Path, llm: Llama) -> Jinja2ChatFormatter | None:
-        """The GGUF's chat template, as llama-cpp-python applies it (None: it has none)."""
-        if path not in self._formatters:
-            template = llm.metadata.get("tokenizer.chat_template")
-            self._formatters[path] = (
-                None
-                if template is None
-                else Jinja2ChatFormatter(
-                    template=template,
-                    eos_token=_token_text(llm, llm.token_eos()),
-                    bos_token=_token_text(llm, llm.token_bos()),
-                )
-            )
-        return self._formatters[path]
+            prompt = chat_prompt(llm, chat, request.genconf.stop)
+        return TokenCount(len(prompt.tokens), exact=True)
 
     def complete(self, request: CompletionRequest) -> Completion:
-        llm = self.load(resolve_model_path(self._served_name(request.model), self._settings))
+        path = resolve_model_path(self._served_name(request.model), self._settings)
+        if self._settings.llama_batch > 1:
+            return self.engine(path).complete(request)
+        llm = self.load(path)
         schema = request.json_schema
         genconf = request.genconf
         try:
             with self._lock:
                 response: Any = llm.create_chat_completion(
-                    messages=_chat_messages(request.messages, schema),
-                    grammar=None if schema is None else _grammar(json.dumps(schema)),
+                    messages=chat_messages(request.messages, schema),
+                    grammar=None if schema is None else grammar_for(json.dumps(schema)),
                     max_tokens=genconf.max_tokens,
                     temperature=genconf.temperature,
                     top_p=genconf.top_p,
@@ -115,6 +100,13 @@ class LlamaCppBackend:
             model=str(request.model),
         )
 
+    def close(self) -> None:
+        """Stop the batching engines (their running jobs fail); the models stay loaded."""
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            engine.close()
+
     def _served_name(self, requested: str) -> str:
         """The worker's own model file when it was started for one (``sibylq worker``)."""
         if self._settings.worker_model is None:
@@ -126,14 +118,24 @@ class LlamaCppBackend:
             )
         return served.name
 
+    def engine(self, path: Path) -> LlamaEngine:
+        """The batching engine of the model at ``path``, started on first use."""
+        llm = self.load(path)
+        with self._lock:
+            if path not in self._engines:
+                batch, n_ctx = self._settings.llama_batch, self._settings.llama_n_ctx
+                self._engines[path] = LlamaEngine(llm, batch, n_ctx)
+            return self._engines[path]
+
     def load(self, path: Path) -> Llama:
         """The model at ``path``, loaded on first use and kept for the process's life."""
+        batching = self._settings.llama_batch > 1
         with self._lock:
             if path not in self._models:
                 try:
                     self._models[path] = Llama(
                         model_path=str(path),
-                        n_ctx=self._settings.llama_n_ctx,
+                        n_ctx=SPARE_N_CTX if batching else self._settings.llama_n_ctx,
                         n_gpu_layers=self._settings.llama_n_gpu_layers,
                         n_threads=self._settings.llama_n_threads,
                         verbose=False,
@@ -149,26 +151,3 @@ class LlamaCppBackend:
                     self._settings.llama_n_gpu_layers,
                 )
             return self._models[path]
-
-
-def _token_text(llm: Llama, token: int) -> str:
-    return "" if token == -1 else llm.detokenize([token], special=True).decode(errors="replace")
-
-
-@lru_cache(maxsize=64)
-def _grammar(schema_json: str) -> LlamaGrammar:
-    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
-
-
-def _chat_messages(messages: tuple[Message, ...], schema: dict[str, Any] | None) -> list[Any]:
-    """The chat as llama.cpp's text chat formats take it: string contents. Producers refuse
-    images for llama.cpp models before enqueueing; a job with images from elsewhere fails."""
-    if any(message.images for message in messages):
-        raise BackendError(
-            "this llama.cpp worker takes no images (sibylq loads no multimodal projector yet); "
-            "send image jobs to an openai: model"
-        )
-    chat: list[dict[str, Any]] = [
-        {"role": message.role, "content": message.text} for message in messages
-    ]
-    return chat if schema is None else with_schema_instruction(chat, schema)

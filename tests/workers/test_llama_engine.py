@@ -1,0 +1,168 @@
+"""The llama.cpp batching engine on the bundled SmolLM2: several jobs decoded in one batch,
+each keeping the one-job path's semantics (schema, usage, finish reason, deadline, prompt
+limit, revoke).
+
+SmolLM2-135M is a weak model: these tests check validity and equality with the one-job path,
+never accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import jsonschema
+import pytest
+
+from producer.targets import classify_target
+from tests.conftest import wait_for
+from wire.contract import GenConf, Message
+from wire.errors import JobCancelledError, JobTimeLimitError, PromptTooLongError
+from wire.settings import Settings
+from workers.backends.base import Completion, CompletionRequest, Deadline
+from workers.backends.llamacpp import LlamaCppBackend
+from workers.model_files import resolve_model_path
+
+SEQUENCES = 4
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+NAMES = {"type": "object", "properties": {"output": {"type": "array", "items": {"type": "string"}}}}
+
+
+def request(prompt: str, schema: dict[str, Any] | None = None, **genconf: Any) -> CompletionRequest:
+    genconf.setdefault("max_tokens", 32)
+    messages = (Message(role="user", content=prompt),)
+    return CompletionRequest("smollm2", messages, schema, GenConf(**genconf))
+
+
+#: A batch of mixed kinds and schemas: classifications with two label sets, an extraction, a
+#: list, a text cut by a stop string and a text cut at max_tokens.
+MIXED = [
+    request(
+        "Is this SMS spam? WIN a FREE prize now, call 0800!",
+        classify_target(["spam", "ham"]).json_schema,
+    ),
+    request(
+        "Is this SMS spam? See you at 5 at the station",
+        classify_target(["spam", "ham"]).json_schema,
+    ),
+    request("Is the sky blue?", classify_target(["yes", "no", "maybe"]).json_schema),
+    request("John Smith is 42 years old and lives in Paris.", PERSON, max_tokens=40),
+    request("Generate 3 English first names", NAMES, max_tokens=40),
+    request("Say hello and introduce yourself.", stop=("!", ".")),
+    request("Count from one to twenty in words.", max_tokens=12),
+]
+
+
+@pytest.fixture(scope="module")
+def batching() -> Iterator[LlamaCppBackend]:
+    backend = LlamaCppBackend(Settings(llama_batch=SEQUENCES))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def one_job() -> LlamaCppBackend:
+    return LlamaCppBackend(Settings(llama_batch=1))
+
+
+def at_once(
+    backend: LlamaCppBackend, requests: list[CompletionRequest]
+) -> list[Future[Completion]]:
+    """``requests`` handed to ``backend`` together, as a threads pool hands its jobs."""
+    pool = ThreadPoolExecutor(len(requests))
+    futures = [pool.submit(backend.complete, one) for one in requests]
+    pool.shutdown(wait=False)
+    return futures
+
+
+def engine_of(backend: LlamaCppBackend) -> Any:
+    return backend.engine(resolve_model_path("smollm2", Settings()))
+
+
+def test_a_mixed_batch_gives_every_job_the_one_job_paths_answer(
+    batching: LlamaCppBackend, one_job: LlamaCppBackend
+) -> None:
+    expected = [one_job.complete(one) for one in MIXED]
+    answers = [future.result(timeout=120) for future in at_once(batching, MIXED)]
+    # Greedy decoding: the same tokens, text, usage and finish reason as one job at a time.
+    assert answers == expected
+    for one, answer in zip(MIXED, answers, strict=True):
+        if one.json_schema is not None and answer.finish_reason == "stop":
+            jsonschema.validate(json.loads(answer.text), one.json_schema)
+    assert {answer.finish_reason for answer in answers} == {"stop", "length"}
+    assert answers[-1].usage.completion_tokens == 12
+
+
+def test_more_jobs_than_sequences_wait_for_a_free_one(batching: LlamaCppBackend) -> None:
+    jobs = [
+        request(f"Is {n} an even number?", classify_target(["yes", "no"]).json_schema)
+        for n in range(2 * SEQUENCES + 1)
+    ]
+    answers = [future.result(timeout=120) for future in at_once(batching, jobs)]
+    assert all(json.loads(answer.text)["output"] in ("yes", "no") for answer in answers)
+    assert engine_of(batching).active() == 0
+
+
+def test_a_job_past_its_deadline_fails_alone_and_frees_its_sequence(
+    batching: LlamaCppBackend,
+) -> None:
+    long = request("Write a very long story about a dragon.", max_tokens=2000)
+    long = CompletionRequest(**{**long.__dict__, "deadline": Deadline.after(1.0)})
+    short = [request(f"Say the number {n}.", max_tokens=8) for n in range(SEQUENCES - 1)]
+    futures = at_once(batching, [long, *short])
+    assert all(future.result(timeout=60).finish_reason for future in futures[1:])
+    with pytest.raises(JobTimeLimitError, match="time limit of 1 s"):
+        futures[0].result(timeout=30)
+    # Every sequence is free again: a full batch runs.
+    again = at_once(batching, [request(f"Say {n}.", max_tokens=4) for n in range(SEQUENCES)])
+    assert all(future.result(timeout=60).usage.completion_tokens == 4 for future in again)
+
+
+def test_a_prompt_too_long_fails_alone(batching: LlamaCppBackend) -> None:
+    jobs = [
+        request("word " * 5000),
+        request("Is water wet?", classify_target(["yes", "no"]).json_schema),
+    ]
+    too_long, fine = at_once(batching, jobs)
+    with pytest.raises(PromptTooLongError, match="context window of 2048"):
+        too_long.result(timeout=60)
+    assert json.loads(fine.result(timeout=60).text)["output"] in ("yes", "no")
+
+
+def test_a_revoked_job_ends_midway_and_frees_its_sequence(batching: LlamaCppBackend) -> None:
+    revoked = threading.Event()
+    long = request("Write a very long story about a dragon.", max_tokens=2000)
+    long = CompletionRequest(**{**long.__dict__, "job_id": "j-1", "cancelled": revoked.is_set})
+    started = time.monotonic()
+    doomed, other = at_once(batching, [long, request("Say hello.", max_tokens=8)])
+    assert other.result(timeout=60).usage.completion_tokens == 8
+    revoked.set()
+    with pytest.raises(JobCancelledError, match="j-1"):
+        doomed.result(timeout=30)
+    assert time.monotonic() - started < 30  # long before 2000 tokens
+    wait_for("the revoked job's sequence to be free", lambda: engine_of(batching).active() == 0)
+
+
+def test_a_seeded_sampled_job_repeats_itself(batching: LlamaCppBackend) -> None:
+    job = request("Tell me a fun fact.", temperature=0.9, top_p=0.9, seed=7, max_tokens=16)
+    first, second = (future.result(timeout=60) for future in at_once(batching, [job, job]))
+    assert first.text == second.text
+
+
+def test_the_engine_log_states_its_kv_cache(
+    batching: LlamaCppBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    del batching
+    with caplog.at_level("INFO"):
+        backend = LlamaCppBackend(Settings(llama_batch=2, llama_n_ctx=1024))
+        engine_of(backend)
+        backend.close()
+    assert "2 sequences x n_ctx 1024 = 2048 KV cells" in caplog.text

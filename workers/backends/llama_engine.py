@@ -1,0 +1,245 @@
+"""Continuous batching over one llama.cpp context: up to ``N`` jobs decoded together.
+
+One engine thread per worker process owns the model's batching context (``Llama`` is still
+used by one thread only). Callers (the threads of a Celery threads pool) hand it a
+``CompletionRequest`` and block on a future. Between decode steps the engine admits waiting
+requests into free sequence ids and ends sequences that finished, ran past their deadline,
+or were cancelled (revoked), freeing their KV cells at once; each step decodes one
+``llama_batch`` holding a chunk of every new prompt and the last token of every running
+sequence, then samples each sequence with its own chain (its grammar included).
+
+The KV cache is not unified: each sequence has ``n_ctx`` cells of its own
+(``SIBYLQ_LLAMA_N_CTX``), the context ``N * n_ctx``; a prompt that does not fit its own cells
+fails alone with ``PromptTooLongError``, as it does on the one-job path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+from llama_cpp import Llama
+from llama_cpp import _internals as internals
+
+from wire.errors import BackendError, JobCancelledError, PromptTooLongError, SibylqError
+
+from .base import Completion, CompletionRequest
+from .llama_prompt import chat_messages, chat_prompt
+from .llama_sequence import Sequence, grammar_for, sampler_chain
+
+log = logging.getLogger(__name__)
+
+#: Tokens per decode step (prompt chunks plus one token per running sequence).
+N_BATCH = 512
+#: How long an idle engine sleeps before it looks at its waiting jobs' deadlines again.
+IDLE_POLL_S = 0.05
+
+
+@dataclass
+class _Job:
+    request: CompletionRequest
+    future: Future[Completion]
+
+    def ended(self) -> SibylqError | None:
+        """Why the job must end now, if it must: its deadline passed, or it was revoked."""
+        deadline, cancelled = self.request.deadline, self.request.cancelled
+        if deadline is not None and deadline.remaining_s() <= 0:
+            return deadline.error()
+        if cancelled is not None and cancelled():
+            return JobCancelledError(self.request.job_id or "(unknown)")
+        return None
+
+
+class LlamaEngine:
+    """The batching engine of one model. ``complete`` is safe from any thread."""
+
+    def __init__(self, llm: Llama, n_seq: int, n_ctx_seq: int) -> None:
+        self._llm = llm
+        self._n_seq = n_seq
+        self._n_ctx_seq = n_ctx_seq
+        self._ctx = _batching_context(llm, n_seq, n_ctx_seq)
+        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._waiting: list[_Job] = []
+        self._active: dict[int, tuple[_Job, Sequence]] = {}
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._thread.start()
+        log.info(
+            "llama batching engine: %d sequences x n_ctx %d = %d KV cells, %.0f MiB (f16)",
+            n_seq,
+            n_ctx_seq,
+            n_seq * n_ctx_seq,
+            kv_cache_bytes(llm, n_seq * n_ctx_seq) / 2**20,
+        )
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        """Run ``request`` in the next free sequence; blocks until it ends."""
+        if not self._thread.is_alive():
+            raise BackendError("the llama batching engine has stopped; restart the worker")
+        job = _Job(request, Future())
+        self._inbox.put(job)
+        return job.future.result()
+
+    def active(self) -> int:
+        """Sequences being decoded now (each holds a sequence id and its KV cells)."""
+        return len(self._active)
+
+    def close(self) -> None:
+        """Stop the engine thread (jobs still running fail) and free the context."""
+        self._inbox.put(None)
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
+
+    # -- the engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._take(block=not self._active):
+                self._end_finished()
+                self._admit()
+                if self._active:
+                    self._step()
+        except BaseException as exc:  # a bug: fail every job instead of hanging its caller
+            log.exception("llama batching engine stopped")
+            self._fail_all(BackendError(f"the llama batching engine stopped: {exc}"))
+            raise
+        self._fail_all(BackendError("the worker is stopping"))
+
+    def _take(self, *, block: bool) -> bool:
+        """Move new requests to the waiting list; False once asked to stop."""
+        try:
+            job = self._inbox.get(timeout=IDLE_POLL_S) if block else self._inbox.get_nowait()
+            while True:
+                if job is None:
+                    return False
+                self._waiting.append(job)
+                job = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _end_finished(self) -> None:
+        for job in list(self._waiting):
+            error = job.ended()
+            if error is not None:
+                self._waiting.remove(job)
+                job.future.set_exception(error)
+        for seq_id, (job, sequence) in list(self._active.items()):
+            if sequence.finish_reason is not None:
+                self._release(seq_id)
+                job.future.set_result(sequence.completion())
+            elif (error := job.ended()) is not None:
+                self._release(seq_id)
+                job.future.set_exception(error)
+
+    def _admit(self) -> None:
+        free = [seq_id for seq_id in range(self._n_seq) if seq_id not in self._active]
+        while free and self._waiting:
+            job = self._waiting.pop(0)
+            try:
+                sequence = self._sequence(free[0], job.request)
+            except SibylqError as exc:
+                job.future.set_exception(exc)
+                continue
+            self._active[free.pop(0)] = (job, sequence)
+
+    def _sequence(self, seq_id: int, request: CompletionRequest) -> Sequence:
+        schema = request.json_schema
+        messages = chat_messages(request.messages, schema)
+        prompt = chat_prompt(self._llm, messages, request.genconf.stop)
+        if len(prompt.tokens) >= self._n_ctx_seq:
+            raise PromptTooLongError(
+                f"Requested tokens ({len(prompt.tokens)}) exceed context window of "
+                f"{self._n_ctx_seq}; shorten the prompt or raise SIBYLQ_LLAMA_N_CTX"
+            )
+        max_tokens = min(request.genconf.max_tokens, self._n_ctx_seq - len(prompt.tokens))
+        grammar = None if schema is None else grammar_for(json.dumps(schema))
+        sampler = sampler_chain(self._llm, request.genconf, grammar)
+        return Sequence(seq_id, prompt, max_tokens, sampler, str(request.model))
+
+    def _release(self, seq_id: int) -> None:
+        _, sequence = self._active.pop(seq_id)
+        llama_cpp.llama_sampler_free(sequence.sampler)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def _step(self) -> None:
+        """One ``llama_decode`` over every active sequence, then one sample for each sequence
+        whose prompt is all in."""
+        sampled = self._fill_batch()
+        code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        if code != 0:  # the batch's sequences fail; the engine serves the next ones
+            for seq_id, (job, _) in list(self._active.items()):
+                self._release(seq_id)
+                job.future.set_exception(BackendError(f"llama_decode failed with code {code}"))
+            return
+        for seq_id, index in sampled:
+            sequence = self._active[seq_id][1]
+            token = llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx.ctx, index)
+            sequence.accept(self._llm, token)
+
+    def _fill_batch(self) -> list[tuple[int, int]]:
+        """Put each sequence's pending tokens in the batch (running sequences first, one token
+        each, then prompt chunks while room is left); the (sequence, batch index) pairs whose
+        logits are to be sampled."""
+        batch, count, sampled = self._batch, 0, []
+        order = sorted(self._active.values(), key=lambda entry: entry[1].prefilling)
+        for _, sequence in order:
+            tokens = sequence.pending_tokens()[: N_BATCH - count]
+            for offset, token in enumerate(tokens):
+                batch.token[count] = token
+                batch.pos[count] = sequence.fed + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = sequence.seq_id
+                batch.logits[count] = False
+                count += 1
+            sequence.fed += len(tokens)
+            if tokens and not sequence.prefilling:
+                batch.logits[count - 1] = True
+                sampled.append((sequence.seq_id, count - 1))
+        batch.n_tokens = count
+        return sampled
+
+    def _fail_all(self, error: SibylqError) -> None:
+        for job in self._waiting:
+            job.future.set_exception(error)
+        for seq_id, (job, _) in list(self._active.items()):
+            self._release(seq_id)
+            job.future.set_exception(error)
+        self._waiting.clear()
+        with contextlib.suppress(queue.Empty):
+            while (job_or_none := self._inbox.get_nowait()) is not None:
+                job_or_none.future.set_exception(error)
+
+
+def kv_cache_bytes(llm: Llama, cells: int) -> int:
+    """The size of an f16 KV cache of ``cells`` cells for ``llm``'s model (keys and values,
+    every layer)."""
+    model = llm.model
+    n_head = max(1, llama_cpp.llama_model_n_head(model))
+    head_dim = llama_cpp.llama_model_n_embd(model) // n_head
+    per_cell = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model)
+    return int(per_cell * head_dim * 2 * cells)
+
+
+def _batching_context(llm: Llama, n_seq: int, n_ctx_seq: int) -> Any:
+    """A second context on ``llm``'s model (no second copy of the weights): ``n_seq``
+    sequences of ``n_ctx_seq`` cells each."""
+    params = type(llm.context_params).from_buffer_copy(llm.context_params)
+    params.n_ctx = n_seq * n_ctx_seq
+    params.n_batch = params.n_ubatch = N_BATCH
+    params.n_seq_max = n_seq
+    params.kv_unified = False
+    try:
+        return internals.LlamaContext(model=llm._model, params=params, verbose=False)
+    except ValueError as exc:
+        raise BackendError(
+            f"cannot create a llama.cpp context for {n_seq} sequences: {exc}"
+        ) from exc
