@@ -4,9 +4,10 @@ One engine thread per worker process owns the model's batching context (``Llama`
 used by one thread only). Callers (the threads of a Celery threads pool) hand it a
 ``CompletionRequest`` and block on a future. Between decode steps the engine admits waiting
 requests into free sequence ids and ends sequences that finished, ran past their deadline,
-or were cancelled (revoked), freeing their KV cells at once; each step decodes one
-``llama_batch`` holding a chunk of every new prompt and the last token of every running
-sequence, then samples each sequence with its own chain (its grammar included).
+or were cancelled (revoked), freeing their KV cells at once (but for their prompt's, which
+the next job in that sequence reuses as far as its prompt starts the same); each step decodes
+one ``llama_batch`` holding a chunk of every new prompt and the last token of every running
+sequence, then samples each sequence with its own sampler (its grammar included).
 
 The KV cache is not unified: each sequence has ``n_ctx`` cells of its own
 (``SIBYLQ_LLAMA_N_CTX``), the context ``N * n_ctx``; a prompt that does not fit its own cells
@@ -31,8 +32,8 @@ from llama_cpp import _internals as internals
 from wire.errors import BackendError, JobCancelledError, PromptTooLongError, SibylqError
 
 from .base import Completion, CompletionRequest
-from .llama_prompt import chat_messages, chat_prompt
-from .llama_sequence import Sequence, grammar_for, sampler_chain
+from .llama_prompt import ChatPrompt, chat_messages, chat_prompt
+from .llama_sequence import Sampler, Sequence, grammar_for
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class LlamaEngine:
         self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._waiting: list[_Job] = []
         self._active: dict[int, tuple[_Job, Sequence]] = {}
+        self._kept: dict[int, tuple[int, ...]] = {}  # tokens left in a free sequence's cells
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
         log.info(
@@ -141,17 +143,19 @@ class LlamaEngine:
                 job.future.set_exception(error)
 
     def _admit(self) -> None:
-        free = [seq_id for seq_id in range(self._n_seq) if seq_id not in self._active]
-        while free and self._waiting:
+        while self._waiting and len(self._active) < self._n_seq:
             job = self._waiting.pop(0)
             try:
-                sequence = self._sequence(free[0], job.request)
+                prompt, max_tokens, sampler = self._prepare(job.request)
             except SibylqError as exc:
                 job.future.set_exception(exc)
                 continue
-            self._active[free.pop(0)] = (job, sequence)
+            seq_id, reused = self._slot_for(prompt.tokens)
+            model = str(job.request.model)
+            sequence = Sequence(seq_id, prompt, max_tokens, sampler, model, fed=reused)
+            self._active[seq_id] = (job, sequence)
 
-    def _sequence(self, seq_id: int, request: CompletionRequest) -> Sequence:
+    def _prepare(self, request: CompletionRequest) -> tuple[ChatPrompt, int, Sampler]:
         schema = request.json_schema
         messages = chat_messages(request.messages, schema)
         prompt = chat_prompt(self._llm, messages, request.genconf.stop)
@@ -162,13 +166,28 @@ class LlamaEngine:
             )
         max_tokens = min(request.genconf.max_tokens, self._n_ctx_seq - len(prompt.tokens))
         grammar = None if schema is None else grammar_for(json.dumps(schema))
-        sampler = sampler_chain(self._llm, request.genconf, grammar)
-        return Sequence(seq_id, prompt, max_tokens, sampler, str(request.model))
+        return prompt, max_tokens, Sampler(self._llm, request.genconf, grammar)
 
-    def _release(self, seq_id: int) -> None:
+    def _slot_for(self, tokens: tuple[int, ...]) -> tuple[int, int]:
+        """The free sequence id whose cells still hold the longest prefix of ``tokens`` (its
+        last job's prompt: the same system instruction and schema, say), and that prefix's
+        length. Only the rest is decoded, always including the last token, whose logits are
+        sampled: what ``Llama`` does between two calls, and llama-server per slot."""
+        free = [seq_id for seq_id in range(self._n_seq) if seq_id not in self._active]
+        best = max(free, key=lambda seq_id: _common_prefix(self._kept.get(seq_id, ()), tokens))
+        reused = min(_common_prefix(self._kept.get(best, ()), tokens), len(tokens) - 1)
+        llama_cpp.llama_memory_seq_rm(self._memory, best, reused, -1)
+        self._kept[best] = tokens[:reused]
+        return best, reused
+
+    def _release(self, seq_id: int, *, keep_prompt: bool = True) -> None:
+        """End ``seq_id``'s sequence; its prompt's cells stay for the next job to reuse
+        (``_slot_for``), unless ``keep_prompt`` is False (a failed decode: cells unknown)."""
         _, sequence = self._active.pop(seq_id)
-        llama_cpp.llama_sampler_free(sequence.sampler)
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        sequence.sampler.free()
+        kept = min(sequence.fed, len(sequence.prompt.tokens)) if keep_prompt else 0
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, kept, -1)
+        self._kept[seq_id] = sequence.prompt.tokens[:kept]
 
     def _step(self) -> None:
         """One ``llama_decode`` over every active sequence, then one sample for each sequence
@@ -177,12 +196,12 @@ class LlamaEngine:
         code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         if code != 0:  # the batch's sequences fail; the engine serves the next ones
             for seq_id, (job, _) in list(self._active.items()):
-                self._release(seq_id)
+                self._release(seq_id, keep_prompt=False)
                 job.future.set_exception(BackendError(f"llama_decode failed with code {code}"))
             return
         for seq_id, index in sampled:
             sequence = self._active[seq_id][1]
-            token = llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx.ctx, index)
+            token = sequence.sampler.sample(self._ctx.ctx, index)
             sequence.accept(self._llm, token)
 
     def _fill_batch(self) -> list[tuple[int, int]]:
@@ -243,3 +262,10 @@ def _batching_context(llm: Llama, n_seq: int, n_ctx_seq: int) -> Any:
         raise BackendError(
             f"cannot create a llama.cpp context for {n_seq} sequences: {exc}"
         ) from exc
+
+
+def _common_prefix(first: tuple[int, ...], second: tuple[int, ...]) -> int:
+    for index, (a, b) in enumerate(zip(first, second, strict=False)):
+        if a != b:
+            return index
+    return min(len(first), len(second))

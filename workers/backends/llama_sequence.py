@@ -1,12 +1,15 @@
 """One job's sequence inside the batching engine: its prompt, its sampler chain (grammar
 included) and its output, finished the way ``Llama.create_completion`` finishes one.
 
-The sampler chain is the one ``Llama`` builds for the same settings: the grammar first, then
-greedy at temperature 0, else top-k 40, top-p, min-p 0.05, temperature and a seeded draw.
+The samplers are the ones ``Llama`` builds for the same settings (greedy at temperature 0,
+else top-k 40, top-p, min-p 0.05, temperature and a seeded draw), with the job's grammar
+applied as llama.cpp's server applies it (``Sampler``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -32,18 +35,56 @@ def grammar_for(schema_json: str) -> LlamaGrammar:
     return LlamaGrammar.from_json_schema(schema_json, verbose=False)
 
 
-def sampler_chain(llm: Llama, genconf: GenConf, grammar: LlamaGrammar | None) -> Any:
-    """A new llama.cpp sampler chain; the caller frees it (``llama_sampler_free``)."""
+class Sampler:
+    """A sequence's sampling: ``Llama``'s chain for its settings, with the grammar applied
+    the way llama.cpp's own server applies it. The unconstrained chain picks a token first;
+    only when the grammar refuses that token is the grammar applied to the whole vocabulary
+    and the token drawn again. Checking one token is cheap, masking ~49k is not: at each step
+    most picks (a greedy model inside its JSON) are allowed. For greedy decoding the answer is
+    the same either way: the best token overall, when allowed, is the best allowed one.
+    Call ``free`` when done."""
+
+    def __init__(self, llm: Llama, genconf: GenConf, grammar: LlamaGrammar | None) -> None:
+        self._chain = _chain(genconf)
+        self._grammar: Any = None
+        self._constrained: Any = None  # grammar, then the chain's samplers: owns the grammar
+        if grammar is not None:
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            self._grammar = llama_cpp.llama_sampler_init_grammar(
+                vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+            )
+            self._constrained = _chain(genconf, first=self._grammar)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        """The next token from the logits at ``index`` of ``ctx``'s last batch, accepted."""
+        token: int = llama_cpp.llama_sampler_sample(self._chain, ctx, index)
+        if self._grammar is None:
+            return token
+        if self._allows(token):
+            llama_cpp.llama_sampler_accept(self._grammar, token)
+            return token
+        constrained: int = llama_cpp.llama_sampler_sample(self._constrained, ctx, index)
+        return constrained
+
+    def _allows(self, token: int) -> bool:
+        data = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+        candidates = llama_cpp.llama_token_data_array(data, 1, -1, False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
+        return bool(math.isfinite(data[0].logit))
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self._chain)
+        if self._constrained is not None:
+            llama_cpp.llama_sampler_free(self._constrained)  # and the grammar it owns
+
+
+def _chain(genconf: GenConf, first: Any = None) -> Any:
+    """A new llama.cpp sampler chain (``first``, if any, then ``Llama``'s samplers for
+    ``genconf``); freed by ``Sampler.free``."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
-    if grammar is not None:
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        add(
-            chain,
-            llama_cpp.llama_sampler_init_grammar(
-                vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
-            ),
-        )
+    if first is not None:
+        add(chain, first)
     if genconf.temperature == 0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
@@ -64,7 +105,7 @@ class Sequence:
     seq_id: int
     prompt: ChatPrompt
     max_tokens: int
-    sampler: Any
+    sampler: Sampler
     model: str
     fed: int = 0
     output: list[int] = field(default_factory=list)
