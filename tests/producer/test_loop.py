@@ -66,7 +66,7 @@ async def main():
         value = await asyncio.wait_for(job, 120)
         took_s = time.monotonic() - started
     print(json.dumps({"handed_out_s": handed_out_s, "took_s": took_s, "max_stall_s": probe.max_s,
-                      "value": value}))
+                      "ticks": len(probe.lags_s), "value": value}))
 
 asyncio.run(main())
 """
@@ -82,8 +82,12 @@ def test_the_first_use_starts_the_embedded_cluster_off_the_loop() -> None:
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["value"] == "fake output"
     assert outcome["handed_out_s"] < 0.5
-    assert outcome["took_s"] > 1.0  # Redis and a worker started meanwhile...
-    assert outcome["max_stall_s"] < 1.0, outcome  # ...and the loop went on
+    # Redis and a worker process started meanwhile (a Python process importing Celery takes
+    # longer than 0.3 s)...
+    assert outcome["took_s"] > 0.3
+    # ...and the loop went on: it turned every 10 ms or so, never stalled for a second.
+    assert outcome["ticks"] >= 20
+    assert outcome["max_stall_s"] < 1.0, outcome
 
 
 async def test_a_blocking_result_on_the_loops_thread_enqueues_the_job_once(
