@@ -20,11 +20,17 @@ import pytest
 
 from producer.targets import classify_target
 from tests.conftest import wait_for
-from wire.contract import GenConf, Message
-from wire.errors import JobCancelledError, JobTimeLimitError, PromptTooLongError
+from wire.contract import GenConf, JobKind, JobSpec, Message
+from wire.errors import (
+    JobCancelledError,
+    JobTimeLimitError,
+    OutputValidationError,
+    PromptTooLongError,
+)
 from wire.settings import Settings
 from workers.backends.base import Completion, CompletionRequest, Deadline
 from workers.backends.llamacpp import LlamaCppBackend
+from workers.execute import Progress, execute
 from workers.model_files import resolve_model_path
 
 SEQUENCES = 4
@@ -172,3 +178,55 @@ def test_the_engine_log_states_its_kv_cache(
         engine_of(backend)
         backend.close()
     assert "2 sequences x n_ctx 1024 = 2048 KV cells" in caplog.text
+
+
+#: An integer the grammar cannot hold to its minimum (llama.cpp's schema converter ignores
+#: ``minimum``): the model writes some small number, the schema check refuses it, and the job
+#: is re-asked.
+HUGE = {
+    "type": "object",
+    "properties": {"output": {"type": "integer", "minimum": 10**12}},
+    "required": ["output"],
+}
+
+
+def test_re_asks_run_inside_the_batch_while_other_jobs_finish(
+    batching: LlamaCppBackend,
+) -> None:
+    def spec(prompt: str, schema: dict[str, Any]) -> JobSpec:
+        messages = (Message(role="user", content=prompt),)
+        return JobSpec(
+            model="llamacpp:smollm2",
+            kind=JobKind.EXTRACT,
+            messages=messages,
+            json_schema=schema,
+            genconf=GenConf(max_tokens=24),
+        )
+
+    re_asked = Progress()
+    jobs = [
+        (spec("How many legs does a cat have?", HUGE), re_asked),
+        *(
+            (
+                spec(f"Is {n} an even number?", classify_target(["yes", "no"]).json_schema),
+                Progress(),
+            )
+            for n in range(SEQUENCES - 1)
+        ),
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [
+            pool.submit(execute, one, batching, "w", progress, reask_max=2)
+            for one, progress in jobs
+        ]
+        with pytest.raises(OutputValidationError, match=r"minimum .*\(after 3 tries\)"):
+            futures[0].result(timeout=180)
+        envelopes = [future.result(timeout=180) for future in futures[1:]]
+    assert all(envelope.value["output"] in ("yes", "no") for envelope in envelopes)
+    # Each re-ask asked again with the answer and the reason it was refused, so each prompt
+    # was longer than the last; their tokens are all counted.
+    assert re_asked.calls == 3
+    assert len(re_asked.raw_outputs) == 3
+    assert all(str(json.loads(raw)["output"]).lstrip("-").isdigit() for raw in re_asked.raw_outputs)
+    assert re_asked.usage.completion_tokens > 0
+    assert engine_of(batching).active() == 0
