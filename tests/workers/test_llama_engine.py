@@ -193,7 +193,7 @@ HUGE = {
 def test_re_asks_run_inside_the_batch_while_other_jobs_finish(
     batching: LlamaCppBackend,
 ) -> None:
-    def spec(prompt: str, schema: dict[str, Any]) -> JobSpec:
+    def spec(prompt: str, schema: dict[str, Any] | None) -> JobSpec:
         messages = (Message(role="user", content=prompt),)
         return JobSpec(
             model="llamacpp:smollm2",
