@@ -282,13 +282,22 @@ class Envelope(_Frozen):
     attempts: int = Field(default=1, ge=0)
     #: Answered from the cache of identical temperature-0 requests (``usage`` is then zero).
     cached: bool = False
+    #: A classification's probability of each label at the point the model chose it (keys:
+    #: string labels as they are, others as JSON text); None where the backend cannot say.
+    #: Left out of the JSON when None, so producers of earlier releases read every other
+    #: result (upgrade producers before workers to read it).
+    label_probs: dict[str, float] | None = None
 
     def encode(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=_unset_added(self))
 
     @classmethod
     def decode(cls, data: object) -> Envelope:
         return decode_model(cls, data)
+
+
+def _unset_added(envelope: Envelope) -> set[str]:
+    return {"label_probs"} if envelope.label_probs is None else set()
 
 
 class Failure(_Frozen):

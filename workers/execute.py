@@ -193,6 +193,7 @@ def _envelope(
             finished_at=datetime.now(UTC),
         ),
         attempts=progress.calls,
+        label_probs=completion.label_probs,
     )
 
 

@@ -230,3 +230,21 @@ def test_re_asks_run_inside_the_batch_while_other_jobs_finish(
     assert all(str(json.loads(raw)["output"]).lstrip("-").isdigit() for raw in re_asked.raw_outputs)
     assert re_asked.usage.completion_tokens > 0
     assert engine_of(batching).active() == 0
+
+
+def test_a_classification_gives_each_labels_probability_on_both_paths(
+    batching: LlamaCppBackend, one_job: LlamaCppBackend
+) -> None:
+    labels = ["spam", "ham", "unsure"]
+    job = request("Is this SMS spam? WIN a FREE prize now!", classify_target(labels).json_schema)
+    alone = one_job.complete(job)
+    batched = [future.result(timeout=120) for future in at_once(batching, [job, MIXED[3]])]
+    for answer in (alone, batched[0]):
+        assert answer.label_probs is not None
+        assert set(answer.label_probs) == set(labels)
+        assert sum(answer.label_probs.values()) == pytest.approx(1)
+        assert answer.label_probs[json.loads(answer.text)["output"]] > 0
+    # The same logits at the same point, but for the batch's sums.
+    for label in labels:
+        assert batched[0].label_probs[label] == pytest.approx(alone.label_probs[label], abs=0.02)
+    assert batched[1].label_probs is None  # not a classification

@@ -61,6 +61,9 @@ class Completion:
     finish_reason: str
     usage: Usage
     model: str
+    #: A classification's probability of each label at the choice point
+    #: (``workers.label_probs``), where the backend could read it.
+    label_probs: dict[str, float] | None = None
 
 
 class RetryLater(Exception):  # noqa: N818 - a signal, not an error

@@ -31,6 +31,7 @@ from llama_cpp import _internals as internals
 
 from wire.errors import BackendError, JobCancelledError, PromptTooLongError, SibylqError
 
+from ..label_probs import ChoiceProbe, choice_labels
 from .base import Completion, CompletionRequest
 from .llama_prompt import ChatPrompt, chat_messages, chat_prompt
 from .llama_sequence import Sampler, Sequence, grammar_for
@@ -152,7 +153,9 @@ class LlamaEngine:
                 continue
             seq_id, reused = self._slot_for(prompt.tokens)
             model = str(job.request.model)
-            sequence = Sequence(seq_id, prompt, max_tokens, sampler, model, fed=reused)
+            labels = choice_labels(job.request.json_schema)
+            probe = None if labels is None else ChoiceProbe(labels)
+            sequence = Sequence(seq_id, prompt, max_tokens, sampler, model, fed=reused, probe=probe)
             self._active[seq_id] = (job, sequence)
 
     def _prepare(self, request: CompletionRequest) -> tuple[ChatPrompt, int, Sampler]:
@@ -201,6 +204,7 @@ class LlamaEngine:
             return
         for seq_id, index in sampled:
             sequence = self._active[seq_id][1]
+            sequence.observe(self._llm, self._ctx.ctx, index)
             token = sequence.sampler.sample(self._ctx.ctx, index)
             sequence.accept(self._llm, token)
 

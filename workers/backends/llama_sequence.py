@@ -16,17 +16,63 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from wire.contract import GenConf, Usage
 
+from ..label_probs import ChoiceProbe
 from .base import Completion
 from .llama_prompt import ChatPrompt
 
 #: ``Llama``'s defaults for the samplers sibylq's GenConf does not name.
 TOP_K = 40
 MIN_P = 0.05
+#: The most likely tokens a choice point's probabilities are read from (the rest of a
+#: ~49k vocabulary holds next to nothing there).
+CANDIDATES = 64
+
+
+def top_candidates(llm: Llama, logits: npt.NDArray[np.float32]) -> list[tuple[str, float]]:
+    """The ``CANDIDATES`` likeliest next tokens' text and log-probability, from the raw
+    logits of one position (``ChoiceProbe.observe``)."""
+    top = np.argpartition(logits, -CANDIDATES)[-CANDIDATES:]
+    peak = float(logits.max())
+    log_total = peak + math.log(float(np.exp(logits - peak).sum()))
+    return [
+        (llm.detokenize([int(t)]).decode("utf-8", errors="ignore"), float(logits[t]) - log_total)
+        for t in top
+    ]
+
+
+def logits_at(llm: Llama, ctx: Any, index: int) -> npt.NDArray[np.float32]:
+    """The logits of position ``index`` of ``ctx``'s last batch (a view, valid until the
+    next decode)."""
+    pointer = llama_cpp.llama_get_logits_ith(ctx, index)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
+
+
+class ChoiceObserver:
+    """A ``Llama`` logits processor that shows a one-job completion's steps to a
+    ``ChoiceProbe`` and leaves the logits as they are: the answer is the same with it."""
+
+    def __init__(self, llm: Llama, probe: ChoiceProbe) -> None:
+        self._llm = llm
+        self.probe = probe
+        self._prompt_len: int | None = None
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        if self._prompt_len is None:
+            self._prompt_len = len(input_ids)
+        output = [int(t) for t in input_ids[self._prompt_len :]]
+        text = self._llm.detokenize(output).decode("utf-8", errors="ignore")
+        if self.probe.wants(text):
+            self.probe.observe(text, top_candidates(self._llm, scores))
+        return scores
 
 
 @lru_cache(maxsize=64)
@@ -111,6 +157,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     text: bytes = b""
+    #: Set for a classification: reads its label probabilities (``workers.label_probs``).
+    probe: ChoiceProbe | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -121,6 +169,14 @@ class Sequence:
         if self.prefilling:
             return list(self.prompt.tokens[self.fed :])
         return [self.output[-1]] if self.output else []
+
+    def observe(self, llm: Llama, ctx: Any, index: int) -> None:
+        """Show the step about to be sampled to the classification's probe, if it wants it."""
+        if self.probe is None:
+            return
+        text = self.text.decode("utf-8", errors="ignore")
+        if self.probe.wants(text):
+            self.probe.observe(text, top_candidates(llm, logits_at(llm, ctx, index)))
 
     def accept(self, llm: Llama, token: int) -> None:
         """Take a sampled token; sets ``finish_reason`` when the sequence is done. The text
@@ -149,9 +205,11 @@ class Sequence:
         return max((len(stop) for stop in self._stops), default=0)
 
     def completion(self) -> Completion:
+        text = self.text.decode("utf-8", errors="ignore")
         return Completion(
-            text=self.text.decode("utf-8", errors="ignore"),
+            text=text,
             finish_reason=self.finish_reason or "length",
             usage=Usage(prompt_tokens=len(self.prompt.tokens), completion_tokens=len(self.output)),
             model=self.model,
+            label_probs=None if self.probe is None else self.probe.result(text),
         )

@@ -16,13 +16,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from llama_cpp import Llama
+from llama_cpp import Llama, LogitsProcessorList
 
 from wire.contract import Usage
 from wire.errors import BackendError, ConfigurationError, PromptTooLongError
 from wire.modelref import model_stem, parse_model_ref
 from wire.settings import Settings
 
+from ..label_probs import ChoiceProbe, choice_labels
 from ..model_files import resolve_model_path
 from .base import (
     Completion,
@@ -32,7 +33,7 @@ from .base import (
 )
 from .llama_engine import LlamaEngine
 from .llama_prompt import chat_messages, chat_prompt
-from .llama_sequence import grammar_for
+from .llama_sequence import ChoiceObserver, grammar_for
 
 #: The one-job path's context when the model serves a batching engine: ``Llama``'s own context
 #: then only backs tokenizing and the chat template.
@@ -71,6 +72,8 @@ class LlamaCppBackend:
         llm = self.load(path)
         schema = request.json_schema
         genconf = request.genconf
+        labels = choice_labels(schema)
+        observer = None if labels is None else ChoiceObserver(llm, ChoiceProbe(labels))
         try:
             with self._lock:
                 response: Any = llm.create_chat_completion(
@@ -81,6 +84,7 @@ class LlamaCppBackend:
                     top_p=genconf.top_p,
                     stop=list(genconf.stop) or None,
                     seed=genconf.seed,
+                    logits_processor=None if observer is None else LogitsProcessorList([observer]),
                 )
         except ValueError as exc:
             if "context window" in str(exc):
@@ -90,14 +94,16 @@ class LlamaCppBackend:
             raise BackendError(f"llama.cpp failed: {exc}") from exc
         choice = response["choices"][0]
         usage = response.get("usage") or {}
+        text = choice["message"].get("content") or ""
         return Completion(
-            text=choice["message"].get("content") or "",
+            text=text,
             finish_reason=choice.get("finish_reason") or "stop",
             usage=Usage(
                 prompt_tokens=usage.get("prompt_tokens", 0),
                 completion_tokens=usage.get("completion_tokens", 0),
             ),
             model=str(request.model),
+            label_probs=None if observer is None else observer.probe.result(text),
         )
 
     def close(self) -> None:
