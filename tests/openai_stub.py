@@ -26,6 +26,8 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ``stub-no-json-schema``     ``json_schema`` -> HTTP 500 as llama_cpp.server answers it (its request
                             model accepts only ``text`` and ``json_object``)
 ``stub-tools-only``         any JSON ``response_format`` -> HTTP 400 on ``response_format``
+``stub-no-logprobs``        ``logprobs`` -> HTTP 400 naming them (Groq's answer; llama_cpp.server's
+                            is a 500 without ``logits_all``)
 ``stub-truncate``           the answer cut in half, ``finish_reason`` ``"length"``
 ``stub-invalid``            ``"this is not json"``, ``finish_reason`` ``"stop"``, whatever was asked
 ``stub-invalid-once``       ``"this is not json"`` unless ``messages`` holds an ``assistant``
@@ -55,6 +57,11 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ==========================  ====================================================================
 
 ``OpenAIStub(chaos=Chaos(...))`` sets the rates and delays; ``clear()`` reseeds the generators.
+
+``logprobs`` (with ``top_logprobs`` up to 20, checked as OpenAI does) come back in OpenAI's shape
+for text content: the stub's tokens are words and runs of punctuation, each certain, but for a
+classification's label (a schema whose ``output`` is an ``enum``): at its first token the stub
+gives the label it wrote (the first) ``CHOSEN_LABEL_P`` and shares the rest among the others.
 
 Usage counts words: ``prompt_tokens`` over all message contents, ``completion_tokens`` over the
 answer. ``max_tokens`` (or ``max_completion_tokens``) cuts the answer at that many words, with
@@ -101,6 +108,7 @@ MODELS = (
     "gpt-4o-mini",
     "stub-no-json-schema",
     "stub-tools-only",
+    "stub-no-logprobs",
     "stub-truncate",
     "stub-invalid",
     "stub-invalid-once",
@@ -288,9 +296,101 @@ def chat_completion(body: JSON, authorization: str = "") -> JSON:
     _apply_model_behaviour(model, authorization)
     if body.get("stream"):
         raise StubError(400, "This stub does not support streaming.", param="stream")
+    top = _requested_logprobs(model, body)
     answer = _degrade(model, _answer(model, body), messages)
     answer = _limit(answer, body.get("max_completion_tokens") or body.get("max_tokens"))
-    return _response(model, messages, answer)
+    response = _response(model, messages, answer)
+    if top is not None and answer.tool_name is None:
+        labels = _enum_of(_schema_asked(body))
+        response["choices"][0]["logprobs"] = _content_logprobs(answer.output, top, labels)
+    return response
+
+
+# -- logprobs -----------------------------------------------------------------------------------
+
+#: The stub's tokens: words, runs of punctuation with the spaces before them, other spaces.
+_TOKEN = re.compile(r"\w+|\s*[^\w\s]+|\s+")
+#: At a label's first token, the probability the stub gives the label it wrote.
+CHOSEN_LABEL_P = 0.5
+
+
+def _requested_logprobs(model: str, body: JSON) -> int | None:
+    """How many ``top_logprobs`` the request asks for (None: no ``logprobs``), checked as
+    OpenAI checks them."""
+    top = body.get("top_logprobs")
+    if not body.get("logprobs"):
+        if top is not None:
+            raise StubError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+        return None
+    if model == "stub-no-logprobs":
+        raise StubError(400, "logprobs is not supported with this model", param="logprobs")
+    if top is None:
+        return 0
+    if not isinstance(top, int) or not 0 <= top <= 20:
+        raise StubError(
+            400,
+            f"Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, but "
+            f"got {top} instead.",
+            param="top_logprobs",
+            code="integer_above_max_value",
+        )
+    return top
+
+
+def _schema_asked(body: JSON) -> JSON | None:
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_schema":
+        return _json_schema_of(response_format)
+    schema = response_format.get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def _enum_of(schema: JSON | None) -> list[Any]:
+    output = (schema or {}).get("properties", {}).get("output", {})
+    labels = output.get("enum") if isinstance(output, dict) else None
+    return labels if isinstance(labels, list) else []
+
+
+def _content_logprobs(content: str, top: int, labels: list[Any]) -> JSON:
+    """OpenAI's ``logprobs`` of ``content``: each token certain, but the first token of an
+    ``output`` label (the stub writes the schema's first), where the stub was unsure:
+    ``CHOSEN_LABEL_P`` for it, the rest shared by the other labels' first tokens."""
+    tokens = [match.group() for match in _TOKEN.finditer(content)]
+    choice_at = _label_start(content, labels)
+    entries, offset = [], 0
+    for token in tokens:
+        alternatives = [(token, 0.0)]
+        if offset == choice_at and len(labels) > 1:
+            others = [_TOKEN.match(_label_text(label)) for label in labels[1:]]
+            rest = math.log((1 - CHOSEN_LABEL_P) / len(others))
+            alternatives = [(token, math.log(CHOSEN_LABEL_P))]
+            alternatives += [(other.group(), rest) for other in others if other is not None]
+        entries.append(
+            {
+                **_token_logprob(*alternatives[0]),
+                "top_logprobs": [_token_logprob(*one) for one in alternatives[:top]],
+            }
+        )
+        offset += len(token)
+    return {"content": entries, "refusal": None}
+
+
+def _label_text(label: Any) -> str:
+    return label if isinstance(label, str) else json.dumps(label)
+
+
+def _label_start(content: str, labels: list[Any]) -> int | None:
+    if not labels:
+        return None
+    written = json.dumps(labels[0])
+    found = content.find(written)
+    return None if found < 0 else found + (1 if isinstance(labels[0], str) else 0)
+
+
+def _token_logprob(token: str, logprob: float) -> JSON:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
 def _required(body: JSON, name: str, kind: type) -> Any:

@@ -55,6 +55,9 @@ class ApiProvider:
     modes: tuple[StructuredMode, ...] = ALL_MODES
     #: The request field carrying ``GenConf.seed`` (None: the endpoint ignores seeds).
     seed_field: str | None = "seed"
+    #: Whether a classification asks for ``logprobs`` (its label probabilities). False where
+    #: the API refuses or ignores them.
+    logprobs: bool = True
     #: What differs from OpenAI, for the docs and for whoever reads this table.
     notes: str = ""
 
@@ -87,15 +90,17 @@ _PROVIDERS = (
         base_url="https://api.groq.com/openai/v1",
         key_env="GROQ_API_KEY",
         base_url_env="GROQ_BASE_URL",
+        logprobs=False,
         notes="json_schema on the models Groq lists for structured outputs; the others refuse "
-        "it with a 400 and use a tool call.",
+        "it with a 400 and use a tool call. No logprobs (a 400): no label probabilities.",
     ),
     ApiProvider(
         name="mistral",
         base_url="https://api.mistral.ai/v1",
         key_env="MISTRAL_API_KEY",
         seed_field="random_seed",
-        notes="The seed is sent as Mistral's random_seed.",
+        logprobs=False,
+        notes="The seed is sent as Mistral's random_seed. No logprobs: no label probabilities.",
     ),
     ApiProvider(
         name="together",
@@ -117,10 +122,11 @@ _PROVIDERS = (
         key_env="ANTHROPIC_API_KEY",
         modes=("tools",),
         seed_field=None,
+        logprobs=False,
         notes="Anthropic's OpenAI SDK compatibility layer: response_format, seed and a tool's "
         "strict are ignored (a structured job uses a forced tool call, not constrained to the "
         "schema: sibylq validates and re-asks); temperature is capped at 1; system messages "
-        "are hoisted into one.",
+        "are hoisted into one. No logprobs: no label probabilities.",
     ),
 )
 

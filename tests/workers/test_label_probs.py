@@ -57,18 +57,14 @@ def test_a_shared_beginning_the_model_leaves_is_divided_evenly() -> None:
 
 def test_a_token_may_finish_the_label_and_the_object() -> None:
     steps = [(START + '"', {'yes"}': 0.7, 'no"': 0.2, "nope": 0.1})]
-    assert run(["yes", "no"], steps, START + '"yes"}') == pytest.approx(
-        {"yes": 7 / 9, "no": 2 / 9}
-    )
+    assert run(["yes", "no"], steps, START + '"yes"}') == pytest.approx({"yes": 7 / 9, "no": 2 / 9})
 
 
 def test_labels_of_other_types_are_named_by_their_json() -> None:
     steps = [(START, {"1": 0.25, "2": 0.75}), (START + "2", {"}": 1.0})]
     assert run([1, 2], steps, START + "2}") == pytest.approx({"1": 0.25, "2": 0.75})
     steps = [(START, {"true": 0.5, "fal": 0.5})]
-    assert run([True, False], steps, START + "true}") == pytest.approx(
-        {"true": 0.5, "false": 0.5}
-    )
+    assert run([True, False], steps, START + "true}") == pytest.approx({"true": 0.5, "false": 0.5})
 
 
 def test_a_label_written_as_llama_cpp_escapes_it_or_as_is() -> None:

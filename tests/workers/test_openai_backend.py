@@ -438,3 +438,75 @@ def test_stub_errors_have_openai_shape(client: openai.OpenAI) -> None:
     assert isinstance(body, dict)
     assert set(body) == {"message", "type", "param", "code"}
     assert body["code"] == "model_not_found"
+
+
+# -- label probabilities from logprobs ---------------------------------------------------------
+
+LABELS = {
+    "type": "object",
+    "properties": {"output": {"enum": ["spam", "ham", "maybe"], "type": "string"}},
+    "required": ["output"],
+}
+
+
+def test_a_classification_reads_label_probabilities_from_logprobs(
+    backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    completion = backend.complete(request(schema=LABELS))
+    assert json.loads(completion.text) == {"output": "spam"}
+    # The stub gives its label 0.5 at the label's first token, the others 0.25 each.
+    assert completion.label_probs == pytest.approx({"spam": 0.5, "ham": 0.25, "maybe": 0.25})
+    assert stub.requests[-1]["logprobs"] is True
+    assert stub.requests[-1]["top_logprobs"] == 20
+
+
+def test_only_classifications_ask_for_logprobs(backend: OpenAIBackend, stub: OpenAIStub) -> None:
+    for schema in (PERSON, None):
+        assert backend.complete(request(schema=schema)).label_probs is None
+        assert "logprobs" not in stub.requests[-1]
+
+
+def test_an_endpoint_refusing_logprobs_still_classifies_and_is_not_asked_again(
+    backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    first = backend.complete(request("stub-no-logprobs", LABELS))
+    assert json.loads(first.text) == {"output": "spam"}
+    assert first.label_probs is None
+    assert [body.get("logprobs") for body in stub.requests] == [True, None]
+    assert backend.remembered_mode("stub-no-logprobs") == "json_schema"  # no mode was refused
+    stub.clear()
+    backend.complete(request("stub-no-logprobs", LABELS))
+    assert [body.get("logprobs") for body in stub.requests] == [None]
+
+
+def test_a_tool_call_answer_has_no_label_probabilities(
+    backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    completion = backend.complete(request("stub-tools-only", LABELS))
+    assert completion.label_probs is None
+    assert "logprobs" not in stub.requests[-1]  # a tool call's arguments have no logprobs
+
+
+def test_a_provider_without_logprobs_is_not_asked_for_them(
+    client: openai.OpenAI, settings: Settings, stub: OpenAIStub
+) -> None:
+    from wire.providers import API_PROVIDERS
+
+    groq = OpenAIBackend(settings, client=client, provider=API_PROVIDERS["groq"])
+    assert groq.complete(request(schema=LABELS)).label_probs is None
+    assert "logprobs" not in stub.requests[-1]
+
+
+def test_llama_cpp_server_classifies_through_a_tool_call_without_label_probabilities(
+    llama_server: str, settings: Settings
+) -> None:
+    """llama_cpp.server (a real third-party server) refuses ``json_schema`` and answers a
+    forced tool call, whose arguments have no ``logprobs``: no label probabilities."""
+    client = openai.OpenAI(base_url=llama_server, api_key="sk-none", max_retries=0, timeout=120)
+    backend = OpenAIBackend(settings, client=client)
+    job = request("smollm2", LABELS, genconf=GenConf(max_tokens=32))
+    for _ in range(2):
+        completion = backend.complete(job)
+        assert json.loads(completion.text)["output"] in ("spam", "ham", "maybe")
+    assert completion.label_probs is None
+    assert backend.remembered_mode("smollm2") == "tools"

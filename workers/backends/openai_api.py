@@ -44,10 +44,11 @@ import json
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
 
 from wire.contract import GenConf, Message, Usage
 from wire.errors import BackendError, JobFailedError, PromptTooLongError
@@ -55,6 +56,7 @@ from wire.providers import API_PROVIDERS, ApiProvider, StructuredMode
 from wire.redact import redact, redact_url
 from wire.settings import RateLimit, Settings
 
+from ..label_probs import ChoiceProbe, choice_labels
 from ..ratelimit import BYTES_PER_TOKEN, RateLimiter, estimate_tokens, scope_for
 from ..store import result_redis
 from .base import (
@@ -70,6 +72,7 @@ from .context_lengths import known_context
 from .retry_after import server_delay_s
 
 Mode = StructuredMode
+T = TypeVar("T")
 
 #: The ``openai`` provider: OpenAI, or any OpenAI-compatible server at ``OPENAI_BASE_URL``.
 OPENAI = API_PROVIDERS["openai"]
@@ -98,7 +101,8 @@ class OpenAIBackend:
         self._limiter = limiter if limiter is not None else RateLimiter(result_redis(settings))
         self._base_url = _key_url(str(self._client.base_url))
         self._endpoint = redact_url(self._base_url + "/chat/completions")
-        self._modes = _ModeMemory()
+        self._modes = _PerModel[Mode]()
+        self._logprobs = _PerModel[bool]()
 
     def complete(self, request: CompletionRequest) -> Completion:
         try:
@@ -135,7 +139,7 @@ class OpenAIBackend:
         for mode in order:
             try:
                 kwargs = _mode_kwargs(mode, request, schema, self._provider)
-                response = self._send(request, kwargs, structured=True)
+                response = self._send_asking_logprobs(request, kwargs, mode)
             except openai.APIStatusError as exc:
                 if not _refuses_mode(exc):
                     raise
@@ -149,6 +153,29 @@ class OpenAIBackend:
             f"{request.model!r} (tried {', '.join(order)}); last error: "
             f"{last.status_code}: {self._redact(_error_text(last))}"
         ) from last
+
+    def _send_asking_logprobs(
+        self, request: CompletionRequest, kwargs: dict[str, Any], mode: Mode
+    ) -> ChatCompletion:
+        """A structured request; a classification's asks for the answer's ``logprobs`` too
+        (its label probabilities), where the provider offers them and the endpoint did not
+        refuse them before. A refusal that names them is remembered and the request sent
+        again without (llama_cpp.server needs ``logits_all``; Groq answers 400)."""
+        asks = (
+            mode != "tools"  # logprobs cover message content, not a tool call's arguments
+            and self._provider.logprobs
+            and choice_labels(request.json_schema) is not None
+            and self._logprobs.get(request.model) is not False
+        )
+        if not asks:
+            return self._send(request, kwargs, structured=True)
+        try:
+            return self._send(request, {**kwargs, **_LOGPROBS}, structured=True)
+        except openai.APIStatusError as exc:
+            if "logprob" not in _error_text(exc).lower():
+                raise
+            self._logprobs.set(request.model, False)
+            return self._send(request, kwargs, structured=True)
 
     def _send(
         self, request: CompletionRequest, kwargs: dict[str, Any], *, structured: bool
@@ -229,6 +256,8 @@ class OpenAIBackend:
 
 
 _NO_LIMITS = RateLimit()
+#: What a classification asks for beside its answer: the most alternatives OpenAI gives.
+_LOGPROBS = {"logprobs": True, "top_logprobs": 20}
 
 
 # -- what a backend owns ------------------------------------------------------------------------
@@ -246,20 +275,21 @@ def build_client(settings: Settings, provider: ApiProvider = OPENAI) -> openai.O
     )
 
 
-class _ModeMemory:
-    """Which structured output mode each model of a backend's endpoint accepted. Thread-safe."""
+class _PerModel(Generic[T]):
+    """What a backend's endpoint taught it about each model (the structured output mode it
+    accepted, whether it gives logprobs). Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._modes: dict[str, Mode] = {}
+        self._known: dict[str, T] = {}
 
-    def get(self, model: str) -> Mode | None:
+    def get(self, model: str) -> T | None:
         with self._lock:
-            return self._modes.get(model)
+            return self._known.get(model)
 
-    def set(self, model: str, mode: Mode) -> None:
+    def set(self, model: str, value: T) -> None:
         with self._lock:
-            self._modes[model] = mode
+            self._known[model] = value
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -327,6 +357,7 @@ def _completion(
     usage = response.usage
     return Completion(
         text=text,
+        label_probs=None if tool_call else _label_probs(choice, request, text),
         finish_reason="stop" if finish_reason == "tool_calls" else finish_reason,
         usage=Usage(
             prompt_tokens=usage.prompt_tokens if usage else 0,
@@ -334,6 +365,23 @@ def _completion(
         ),
         model=response.model or request.model,
     )
+
+
+def _label_probs(choice: Choice, request: CompletionRequest, text: str) -> dict[str, float] | None:
+    """A classification's label probabilities from the answer's ``logprobs``: each token and
+    its ``top_logprobs`` alternatives (labels outside them count as improbable). None when
+    the server gave none."""
+    labels = choice_labels(request.json_schema)
+    tokens = choice.logprobs.content if choice.logprobs is not None else None
+    if labels is None or not tokens:
+        return None
+    probe, written = ChoiceProbe(labels), ""
+    for token in tokens:
+        if probe.wants(written):
+            alternatives = [(one.token, one.logprob) for one in token.top_logprobs]
+            probe.observe(written, alternatives or [(token.token, token.logprob)])
+        written += token.token
+    return probe.result(text)
 
 
 def _tool_arguments(message: ChatCompletionMessage) -> str | None:
