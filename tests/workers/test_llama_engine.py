@@ -248,3 +248,24 @@ def test_a_classification_gives_each_labels_probability_on_both_paths(
     for label in labels:
         assert batched[0].label_probs[label] == pytest.approx(alone.label_probs[label], abs=0.02)
     assert batched[1].label_probs is None  # not a classification
+
+
+@pytest.mark.parametrize(
+    ("environ", "sequences", "pool"),
+    [
+        ({}, 1, "prefork"),  # CPUs: one job a process
+        ({"llama_n_gpu_layers": -1}, 8, "threads"),  # a GPU: 8 sequences in one process
+        ({"llama_n_gpu_layers": -1, "llama_batch": 2}, 2, "threads"),
+        ({"llama_batch": 4}, 4, "threads"),
+    ],
+)
+def test_the_sequences_a_worker_batches_depend_on_its_device_unless_set(
+    environ: dict[str, int], sequences: int, pool: str
+) -> None:
+    from wire.modelref import parse_model_ref
+    from workers.cli import pool_defaults
+
+    settings = Settings(**environ)
+    assert settings.llama_sequences == sequences
+    defaults = pool_defaults(parse_model_ref("llamacpp:smollm2"), settings)
+    assert (defaults.pool, defaults.concurrency) == (pool, sequences)
