@@ -10,7 +10,12 @@ the machine's noise falls on all; figures are medians of the block rates:
   the same JSON schema) and the same settings (``n_ctx``, threads, ``GenConf`` defaults);
 - ``sibylq worker llamacpp:smollm2`` at ``SIBYLQ_LLAMA_BATCH=1`` (prefork, one job a process);
 - the same worker at ``SIBYLQ_LLAMA_BATCH=8`` (one process, a threads pool feeding the continuous
-  batching engine), ``*_async`` for a block of rows at once.
+  batching engine), ``*_async`` for a block of rows at once;
+- when ``SIBYLQ_BENCH_LLAMA_SERVER`` names a ``llama-server`` binary (llama.cpp's own server,
+  built from the llama.cpp vendored in llama-cpp-python's sdist: see docs/benchmarks.md),
+  that server with 4 and with 8 parallel slots, fed as many requests at a time as it has
+  slots, on its ``/completion`` endpoint: the direct loop's prompt, to the token, and the
+  same grammar (GBNF from the same JSON schema), greedy, the same ``max_tokens``.
 
 Each side reports rows/s, completion tokens/s, the share of schema-valid answers, and (greedy
 decoding) how many answers equal the direct loop's, token for token.
@@ -21,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,7 @@ from producer.targets import classify_target, target_for
 from wire.constants import queue_name
 
 from .env import REPO_ROOT, Context
+from .llama_decode import DecodeCosts, decode_costs
 from .report import Result, Row, Skipped, Target, median
 
 NAME = "llama"
@@ -42,7 +51,18 @@ EXTRACT_PROMPT = "List three words from this SMS: {text}"
 MODEL = "llamacpp:smollm2"
 #: The batched worker's sequences (``SIBYLQ_LLAMA_BATCH``).
 BATCH = 8
-SIDES = ("direct", "N=1", f"N={BATCH}")
+#: llama.cpp's own server as a further baseline, when a binary is given, at these slots.
+LLAMA_SERVER = os.environ.get("SIBYLQ_BENCH_LLAMA_SERVER")
+SERVER_SLOTS = (4, 8)
+#: The step sizes whose llama_decode cost per token is measured (the bound on batching).
+DECODE_SIZES = (1, 4, 8, 16)
+#: sibylq's two workers: one job a process, and the batching engine.
+WORKER_SIDES = ("N=1", f"N={BATCH}")
+SIDES = (
+    "direct",
+    *WORKER_SIDES,
+    *((f"llama-server x{slots}" for slots in SERVER_SLOTS) if LLAMA_SERVER else ()),
+)
 TASKS = ("classify", "extract")
 #: Both sides' settings: greedy, and a bound on a tiny model's occasional endless list.
 GENCONF = GenConf(max_tokens=64)
@@ -110,14 +130,18 @@ class DirectLoop:
             verbose=False,
         )
 
+    def messages(self, task: str, text: str) -> list[Any]:
+        """What the backend sends the model: the query and the schema instruction."""
+        schema = task_target(task).json_schema
+        return list(self._chat_messages(build_messages(task_prompt(task, text)), schema))
+
+    def grammar(self, task: str) -> Any:
+        return self._grammar_for(json.dumps(task_target(task).json_schema))
+
     def answer(self, task: str, text: str) -> Answer:
-        target = task_target(task)
-        schema = target.json_schema
-        assert schema is not None
-        messages = self._chat_messages(build_messages(task_prompt(task, text)), schema)
         response: Any = self.llm.create_chat_completion(
-            messages=messages,
-            grammar=self._grammar_for(json.dumps(schema)),
+            messages=self.messages(task, text),
+            grammar=self.grammar(task),
             max_tokens=self.genconf.max_tokens,
             temperature=self.genconf.temperature,
             top_p=self.genconf.top_p,
@@ -126,12 +150,82 @@ class DirectLoop:
         )
         choice, usage = response["choices"][0], response["usage"]
         content = choice["message"]["content"] or ""
-        try:
-            target.parse(json.loads(content), raw_text=content)
-            valid = choice["finish_reason"] == "stop"
-        except (ValueError, OutputValidationError):
-            valid = False
+        valid = choice["finish_reason"] == "stop" and _parses(task, content)
         return Answer(content, valid, usage["prompt_tokens"], usage["completion_tokens"])
+
+
+def _parses(task: str, content: str) -> bool:
+    try:
+        task_target(task).parse(json.loads(content), raw_text=content)
+    except (ValueError, OutputValidationError):
+        return False
+    return True
+
+
+class LlamaServer:
+    """llama.cpp's ``llama-server`` with ``slots`` parallel slots, on the direct loop's model
+    file, context per slot and threads; asked the direct loop's prompt tokens and grammar."""
+
+    def __init__(self, binary: str, direct: DirectLoop, slots: int, settings: Settings) -> None:
+        from embedded.redis_server import free_port
+        from workers.backends.llama_prompt import chat_prompt
+
+        self._direct, self._chat_prompt, self.slots = direct, chat_prompt, slots
+        llm, port = direct.llm, free_port()
+        command = [
+            binary, "-m", llm.model_path, "--host", "127.0.0.1", "--port", str(port),
+            "-np", str(slots), "-c", str(slots * llm.n_ctx()), "-t", str(llm.n_threads),
+            "-tb", str(llm.n_threads), "-ngl", str(settings.llama_n_gpu_layers),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self._url = f"http://127.0.0.1:{port}"
+        _wait_healthy(self._url + "/health", self._process)
+
+    def block(self, task: str, rows: list[dict[str, Any]]) -> list[Answer]:
+        """The rows' answers, as many requests in flight as the server has slots."""
+        with ThreadPoolExecutor(self.slots) as pool:
+            return list(pool.map(lambda row: self.answer(task, row["text"]), rows))
+
+    def answer(self, task: str, text: str) -> Answer:
+        llm, genconf = self._direct.llm, self._direct.genconf
+        prompt = self._chat_prompt(llm, self._direct.messages(task, text), genconf.stop)
+        body = {
+            "prompt": list(prompt.tokens),
+            "grammar": self._direct.grammar(task)._grammar,
+            "n_predict": genconf.max_tokens,
+            "temperature": genconf.temperature,
+            "stop": list(prompt.stop),
+            "cache_prompt": True,
+        }
+        request = urllib.request.Request(
+            self._url + "/completion",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600) as response:
+            reply = json.load(response)
+        content, predicted = reply["content"], reply["timings"]["predicted_n"]
+        valid = reply.get("stop_type") in ("eos", "word") and _parses(task, content)
+        return Answer(content, valid, len(prompt.tokens), predicted)
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=30)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llama-server exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"llama-server did not answer {url} within {timeout_s:g} s")
 
 
 def facade_block(model: Model, task: str, rows: list[dict[str, Any]]) -> list[Answer]:
@@ -179,7 +273,7 @@ def run(ctx: Context) -> Result:
         direct = DirectLoop(cluster.settings())
         client = Client(cluster.settings())
         models = {}
-        for side, batch in ((SIDES[1], 1), (SIDES[2], BATCH)):
+        for side, batch in zip(WORKER_SIDES, (1, BATCH), strict=True):
             queue = queue_name("llamacpp", f"bench{batch}")
             env = {"SIBYLQ_LLAMA_BATCH": str(batch)}
             cluster.start_worker(MODEL, "-Q", queue, queue=queue, env=env)
@@ -188,10 +282,35 @@ def run(ctx: Context) -> Result:
             )
             for task in TASKS:
                 facade_block(models[side], task, warmup)  # the worker loads its model
-        outcome = _interleave(models, direct, rows, blocks)
+        costs = decode_costs(direct.llm, DECODE_SIZES)
+        servers = _servers(direct, cluster.settings())
+        try:
+            outcome = _interleave(models, servers, direct, rows, blocks)
+        finally:
+            for server in servers.values():
+                server.close()
         client.close()
     _fill(result, outcome)
+    _fill_decode_costs(result, costs)
+    if not LLAMA_SERVER:
+        result.notes.append(
+            "no llama-server rows: set SIBYLQ_BENCH_LLAMA_SERVER to a llama-server binary "
+            "(docs/benchmarks.md says how to build it from the same sdist)"
+        )
     return result
+
+
+def _servers(direct: DirectLoop, settings: Settings) -> dict[str, LlamaServer]:
+    """The llama-server sides, started (and warmed on one row each) when a binary is given."""
+    if not LLAMA_SERVER:
+        return {}
+    servers = {}
+    for slots in SERVER_SLOTS:
+        server = LlamaServer(LLAMA_SERVER, direct, slots, settings)
+        for task in TASKS:
+            server.answer(task, "warm-up")
+        servers[f"llama-server x{slots}"] = server
+    return servers
 
 
 #: (task, side) -> (block rates in rows/s, block rates in completion tokens/s, answers)
@@ -199,19 +318,25 @@ Outcome = dict[tuple[str, str], tuple[list[float], list[float], list[Answer]]]
 
 
 def _interleave(
-    models: dict[str, Model], direct: DirectLoop, rows: list[dict[str, Any]], blocks: int
+    models: dict[str, Model],
+    servers: dict[str, LlamaServer],
+    direct: DirectLoop,
+    rows: list[dict[str, Any]],
+    blocks: int,
 ) -> Outcome:
     """Each block by every side, the order rotating from block to block."""
     size = -(-len(rows) // blocks)
     outcome: Outcome = {(task, side): ([], [], []) for task in TASKS for side in SIDES}
     for index in range(blocks):
         block = rows[index * size : (index + 1) * size]
-        order = SIDES[index % 3 :] + SIDES[: index % 3]
+        order = SIDES[index % len(SIDES) :] + SIDES[: index % len(SIDES)]
         for task in TASKS:
             for side in order:
                 started = time.perf_counter()
                 if side == "direct":
                     answers = [direct.answer(task, row["text"]) for row in block]
+                elif side in servers:
+                    answers = servers[side].block(task, block)
                 else:
                     answers = facade_block(models[side], task, block)
                 elapsed = time.perf_counter() - started
@@ -224,10 +349,10 @@ def _interleave(
 
 
 def _fill(result: Result, outcome: Outcome) -> None:
-    targets = {("classify", SIDES[2]): 1.5, ("extract", SIDES[2]): 2.0}
+    targets = {("classify", WORKER_SIDES[1]): 1.5, ("extract", WORKER_SIDES[1]): 2.0}
     for task in TASKS:
         base_rates, base_tokens, base_answers = outcome[(task, "direct")]
-        for side in SIDES[1:]:
+        for side in WORKER_SIDES:
             rates, token_rates, answers = outcome[(task, side)]
             target = Target(">=", targets.get((task, side), 0.95))
             name = f"{task} {side}"
@@ -238,6 +363,8 @@ def _fill(result: Result, outcome: Outcome) -> None:
             result.add(Row(f"{name} schema-valid", "share", _valid(answers), _valid(base_answers)))
             same = sum(a.text == b.text for a, b in zip(answers, base_answers, strict=True))
             result.add(Row(f"{name} equal to the sequential answer", "share", same / len(answers)))
+    for task in TASKS:
+        _fill_server_rows(result, outcome, task)
     result.samples = {
         f"{task} {side}": {"rates_rows_s": rates, "rates_tokens_s": tokens}
         for (task, side), (rates, tokens, _) in outcome.items()
@@ -246,6 +373,43 @@ def _fill(result: Result, outcome: Outcome) -> None:
         "SmolLM2-135M is tiny: answers are checked for schema validity and equality with the "
         "direct loop's greedy answers, not for accuracy."
     )
+
+
+def _fill_decode_costs(result: Result, costs: DecodeCosts) -> None:
+    """The bound on any batching here: llama_decode's cost per token in a step of n
+    sequences (and in a prompt) against a step of one."""
+    alone = costs.step_ms[1]
+    for size, cost in costs.step_ms.items():
+        if size > 1:
+            result.add(Row(f"llama_decode per token, step of {size}", "ms", cost, alone))
+    result.add(Row("llama_decode per token, prompt", "ms", costs.prompt_ms, alone))
+    result.notes.append(
+        "llama_decode rows: ms per token against a step of one sequence (ratio below 1: what "
+        "batching saves per token at most; a prompt's tokens cost what they cost, batched or not)"
+    )
+
+
+def _fill_server_rows(result: Result, outcome: Outcome, task: str) -> None:
+    """llama-server's own figures against the direct loop, then sibylq's batched worker
+    against llama-server's 8 slots, in rows/s and in tokens/s (the server's answers may be
+    longer or shorter: tokens/s compares the decoding alone)."""
+    base_rates, base_tokens, base_answers = outcome[(task, "direct")]
+    for slots in SERVER_SLOTS if LLAMA_SERVER else ():
+        rates, token_rates, answers = outcome[(task, f"llama-server x{slots}")]
+        name = f"{task} llama-server x{slots}"
+        result.add(Row(f"{name} throughput", "rows/s", median(rates), median(base_rates)))
+        result.add(Row(f"{name} tokens", "tokens/s", median(token_rates), median(base_tokens)))
+        result.add(Row(f"{name} schema-valid", "share", _valid(answers)))
+        same = sum(a.text == b.text for a, b in zip(answers, base_answers, strict=True))
+        result.add(Row(f"{name} equal to the sequential answer", "share", same / len(answers)))
+    if not LLAMA_SERVER:
+        return
+    server = outcome[(task, f"llama-server x{SERVER_SLOTS[-1]}")]
+    ours = outcome[(task, WORKER_SIDES[1])]
+    target = Target(">=", 1.0) if task == "extract" else None
+    name = f"{task} {WORKER_SIDES[1]} vs llama-server x{SERVER_SLOTS[-1]}"
+    result.add(Row(f"{name} throughput", "rows/s", median(ours[0]), median(server[0]), target))
+    result.add(Row(f"{name} tokens", "tokens/s", median(ours[1]), median(server[1])))
 
 
 def _valid(answers: list[Answer]) -> float:
