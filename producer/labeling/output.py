@@ -27,10 +27,12 @@ from .results import LabelResult, Previous
 
 COLUMNS = (
     "key", "line", "status", "result", "error", "attempts", "retries",
-    "prompt_tokens", "completion_tokens", "latency_s", "job_id",
+    "prompt_tokens", "completion_tokens", "latency_s", "job_id", "label_probs",
 )  # fmt: skip
+#: The columns of a CSV made before ``label_probs``: still resumed, in its own columns.
+_EARLIER_COLUMNS = COLUMNS[:-1]
 _INT_COLUMNS = ("line", "attempts", "retries", "prompt_tokens", "completion_tokens")
-_JSON_COLUMNS = ("result", "error")
+_JSON_COLUMNS = ("result", "error", "label_probs")
 _STATUSES = ("done", "failed")
 
 
@@ -83,6 +85,8 @@ class OutputFile:
         self._file: IO[str] | None = None
         self._csv: Any = None
         self._failed_kept = False
+        #: A CSV's columns: its header's, when it has one.
+        self._columns: tuple[str, ...] = COLUMNS
 
     def previous(self) -> Previous:
         """The rows this run must not label again. Raises InvalidRequestError when the file
@@ -118,7 +122,7 @@ class OutputFile:
             self._open()
         assert self._file is not None
         if self._csv is not None:
-            self._csv.writerow(_to_cells(result.to_record()))
+            self._csv.writerow(_to_cells(result.to_record(), self._columns))
         else:
             self._file.write(json.dumps(result.to_record(), ensure_ascii=False) + "\n")
         self._file.flush()
@@ -151,6 +155,7 @@ class OutputFile:
         if self.format is OutputFormat.CSV:
             self._csv = csv.writer(self._file)
             if new:
+                self._columns = COLUMNS
                 self._csv.writerow(COLUMNS)
 
     def _drop_failed(self) -> None:
@@ -160,12 +165,12 @@ class OutputFile:
         with temporary.open("w", encoding="utf-8", newline="") as kept:
             writer = csv.writer(kept) if self.format is OutputFormat.CSV else None
             if writer is not None:
-                writer.writerow(COLUMNS)
+                writer.writerow(self._columns)  # the header ``previous()`` read
             for record in self._records():
                 if record["status"] != "done":
                     continue
                 if writer is not None:
-                    writer.writerow(_to_cells(record))
+                    writer.writerow(_to_cells(record, self._columns))
                 else:
                     kept.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(temporary, self.path)
@@ -197,11 +202,13 @@ class OutputFile:
     def _csv_records(self, lines: Iterator[str]) -> Iterator[dict[str, Any]]:
         reader = csv.reader(lines)
         header = next(reader, None)
-        if header is not None and tuple(header) != COLUMNS:
-            raise self._unreadable(1, f"the header is not {','.join(COLUMNS)}")
+        if header is not None:
+            if tuple(header) not in (COLUMNS, _EARLIER_COLUMNS):
+                raise self._unreadable(1, f"the header is not {','.join(COLUMNS)}")
+            self._columns = tuple(header)
         for cells in reader:
             try:
-                record = _from_cells(cells)
+                record = _from_cells(cells, self._columns)
             except (ValueError, TypeError) as exc:
                 raise self._unreadable(reader.line_num, str(exc)) from exc
             yield self._checked(record, reader.line_num)
@@ -221,10 +228,11 @@ class OutputFile:
         )
 
 
-def _to_cells(record: dict[str, Any]) -> list[Any]:
-    """A record as CSV cells: JSON for results and errors, the key as text, None as ''."""
+def _to_cells(record: dict[str, Any], columns: tuple[str, ...]) -> list[Any]:
+    """A record as CSV cells: JSON for results, errors and probabilities, the key as text,
+    None as ''."""
     cells: list[Any] = []
-    for name in COLUMNS:
+    for name in columns:
         value = record[name]
         if name in _JSON_COLUMNS:
             cells.append(json.dumps(value, ensure_ascii=False))
@@ -235,15 +243,16 @@ def _to_cells(record: dict[str, Any]) -> list[Any]:
     return cells
 
 
-def _from_cells(cells: list[str]) -> dict[str, Any]:
+def _from_cells(cells: list[str], columns: tuple[str, ...]) -> dict[str, Any]:
     """The inverse of ``_to_cells`` (keys stay text: they compare as text)."""
-    if len(cells) != len(COLUMNS):
-        raise ValueError(f"a row of {len(cells)} cells, not {len(COLUMNS)}")
-    record: dict[str, Any] = dict(zip(COLUMNS, cells, strict=True))
+    if len(cells) != len(columns):
+        raise ValueError(f"a row of {len(cells)} cells, not {len(columns)}")
+    record: dict[str, Any] = dict(zip(columns, cells, strict=True))
     for name in _INT_COLUMNS:
         record[name] = int(record[name])
     for name in _JSON_COLUMNS:
-        record[name] = json.loads(record[name])
+        if name in record:
+            record[name] = json.loads(record[name])
     record["latency_s"] = float(record["latency_s"])
     record["job_id"] = record["job_id"] or None
     return record

@@ -24,6 +24,9 @@ class LabelResult:
     #: Seconds from enqueueing the row's job to its outcome.
     latency_s: float = 0.0
     job_id: str | None = None
+    #: A classification's probability of each label (``Envelope.label_probs``), where the
+    #: model's backend could read them.
+    label_probs: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -42,7 +45,12 @@ class LabelResult:
             "completion_tokens": self.usage.completion_tokens,
             "latency_s": round(self.latency_s, 4),
             "job_id": self.job_id,
+            "label_probs": _rounded(self.label_probs),
         }
+
+
+def _rounded(probs: dict[str, float] | None) -> dict[str, float] | None:
+    return None if probs is None else {label: round(p, 4) for label, p in probs.items()}
 
 
 @dataclass(frozen=True)

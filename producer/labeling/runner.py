@@ -207,6 +207,7 @@ async def _collect(pending: _Pending) -> LabelResult:
         usage=envelope.usage,
         latency_s=time.monotonic() - pending.started,
         job_id=job.id,
+        label_probs=envelope.label_probs,
     )
 
 

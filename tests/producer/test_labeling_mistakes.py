@@ -163,7 +163,7 @@ def test_retry_failed_keeps_a_csv_output_csv_and_a_rerun_adds_nothing(
     assert "done 0, failed 0, skipped 6" in again.stderr
     assert out.read_text().splitlines()[0] == (
         "key,line,status,result,error,attempts,retries,prompt_tokens,completion_tokens,"
-        "latency_s,job_id"
+        "latency_s,job_id,label_probs"
     )
     table = _csv_rows(out)
     assert sorted(int(row["key"]) for row in table) == [1, 2, 3, 4, 5, 6]
