@@ -6,7 +6,10 @@ the stored result (a result stored before the subscription is caught there). Eve
 is followed by such a read, also of a job whose channel is subscribed already: its result may
 have been announced before that watch (a handle awaited again right after its first await).
 After a lost connection it reconnects, resubscribes everything pending and re-reads every
-pending key, so results published while Redis was away are not missed.
+pending key, so results published while Redis was away are not missed. A connection that went
+silently dead (a partition that drops its packets and sends no RST) is found out too: a pub/sub
+connection quiet for ``_IDLE_S`` is sent a PING, and one that does not answer within another
+``_IDLE_S`` is given up; a command waits ``_COMMAND_TIMEOUT_S`` at most.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ log = logging.getLogger(__name__)
 
 _BATCH = 1000
 _RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+#: A pub/sub connection quiet this long is PINGed; one quiet this long again is dead.
+_IDLE_S = 5.0
+#: The longest a command (MGET, ZCOUNT, an enqueue's push) waits for its answer.
+_COMMAND_TIMEOUT_S = 10.0
 
 
 class ResultListener:
@@ -210,9 +217,18 @@ class ResultListener:
             self._deliver(job_id, raw)
 
     async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+        probing = False  # a PING was sent and nothing came back since
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-            if message is not None and message["type"] == "message":
+            # Every reply counts as a sign of life (confirmations too): None is a timeout.
+            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=_IDLE_S)
+            if message is None:
+                if probing:
+                    raise ConnectionError(f"no answer to a PING on pub/sub within {_IDLE_S:g} s")
+                await pubsub.ping()  # its answer comes back as a message (type "pong")
+                probing = True
+                continue
+            probing = False
+            if message["type"] == "message":
                 channel = message["channel"].decode()
                 self._deliver(job_id_from_result_key(channel), message["data"])
                 # Buffered messages are read without a pause: let the woken handle run
@@ -239,6 +255,8 @@ def _client(url: str, name: str, endpoint: Callable[[str], Endpoint]) -> aioredi
         timeout=None,
         client_name=name,
         socket_connect_timeout=2,
+        # Commands' reads; pub/sub reads pass their own timeout (``_read``).
+        socket_timeout=_COMMAND_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0, supported_errors=()),
     )
     return aioredis.Redis(connection_pool=pool)

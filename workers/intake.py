@@ -57,6 +57,9 @@ _MAX_ID_LENGTH = 255
 #: sibylq sends nest far less.
 MAX_NESTING = 200
 _LOGGED_BYTES = 2048
+#: Celery's remote-control replies (``celery inspect``, a plain ``celery worker``'s mingle)
+#: come back on ``<oid>.reply.celery.pidbox`` lists: kombu messages, not jobs, not screened.
+_REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ def _valid_id(value: Any) -> str | None:
 
 def admit(list_key: bytes | str, entry: bytes | str, settings: Settings | None = None) -> bool:
     """True if the entry popped from ``list_key`` may go on to kombu; else it is set aside."""
+    if _text(list_key).partition(KOMBU_PRIORITY_SEP)[0].endswith(_REPLY_QUEUE_SUFFIX):
+        return True
     refusal = screen(entry)
     if refusal is None:
         return True
