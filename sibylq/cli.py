@@ -2,33 +2,41 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
 import sys
-import textwrap
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC
-from pathlib import Path
-from typing import Any
 
-import redis
+try:  # Ctrl-C while the command starts (its imports take tenths of a second): no traceback
+    import argparse
+    import asyncio
+    import json
+    import os
+    import textwrap
+    from collections.abc import Callable, Iterator, Sequence
+    from contextlib import contextmanager
+    from datetime import UTC
+    from pathlib import Path
+    from typing import Any
 
-from embedded.redis_server import find_redis_server
-from producer.client import Client
-from producer.version import sibylq_version
-from wire.contract import Failure, GenConf
-from wire.deadletters import DeadLetter, list_dead, purge_dead
-from wire.errors import BrokerUnavailableError, InvalidRequestError, NoWorkerError, SibylqError
-from wire.modelref import parse_model_ref
-from wire.redact import redact_url
-from wire.settings import get_settings
-from workers import cli as worker_cli
+    import redis
 
-from .deadletters import retry_dead
-from .status import add_status_parser, format_table, run_status
+    from embedded.redis_server import find_redis_server
+    from producer.client import Client
+    from producer.version import sibylq_version
+    from wire.contract import Failure, GenConf
+    from wire.deadletters import DeadLetter, list_dead, purge_dead
+    from wire.errors import BrokerUnavailableError, InvalidRequestError, NoWorkerError, SibylqError
+    from wire.modelref import parse_model_ref
+    from wire.redact import redact_url
+    from wire.settings import get_settings
+    from workers import cli as worker_cli
+
+    from .deadletters import retry_dead
+    from .status import add_status_parser, format_table, run_status
+except (KeyboardInterrupt, RuntimeError) as exc:
+    # A class body's __set_name__ turns Ctrl-C into a RuntimeError caused by it.
+    if not isinstance(exc, KeyboardInterrupt) and not isinstance(exc.__cause__, KeyboardInterrupt):
+        raise
+    print("sibylq: interrupted", file=sys.stderr)
+    sys.exit(130)  # EXIT_INTERRUPTED
 
 #: Exit statuses (``sibylq label --help`` and docs/labeling.md list them).
 EXIT_OK = 0
@@ -412,6 +420,8 @@ def _label_task(args: argparse.Namespace) -> Any:
 
 
 def _resume_hint(output: Path) -> str:
+    if not output.exists():
+        return f"no row had finished: {output} was not created. Run the same command again."
     return f"finished rows are in {output}. Run the same command again to resume."
 
 
@@ -458,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SibylqError as exc:
         print(f"sibylq: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before or after a command's own handling (``label`` has one)
+        print("sibylq: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _unrecognized(argv: list[str], rest: list[str]) -> str:
