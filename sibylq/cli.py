@@ -83,7 +83,8 @@ exit status:
   0    every row is done
   1    the run finished, and some rows failed (each with its error, in OUT):
        --retry-failed re-runs them
-  2    a mistake in the command or its files, found before any work (nothing written)
+  2    a mistake in the command or its files, found before any work (nothing written);
+       or a key repeated in the input, found when the run reaches it (rows before it kept)
   3    the run stopped: no worker serves the model, or Redis is unreachable; the rows
        finished so far are in OUT, and the same command resumes
   130  interrupted (Ctrl-C); the same command resumes"""
