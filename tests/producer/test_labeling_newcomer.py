@@ -246,3 +246,26 @@ def test_a_repeated_key_on_the_embedded_cluster_is_one_error_line(tmp_path: Path
     assert "line 2 has the same key 1 as line 1: keys must be unique" in _error(result)
     assert "Exception in thread" not in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_ctrl_c_while_the_embedded_cluster_stops_changes_nothing(tmp_path: Path) -> None:
+    """The summary is printed, the embedded cluster is stopping (impatient users press Ctrl-C
+    then): the run's exit status stands, no traceback from the stop."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": {i}, "text": "t{i}"}}\n' for i in range(1, 4)))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "sibylq", "label", str(source), *SPAM_HAM, "-o", str(out)]
+    process = subprocess.Popen(command, env=_embedded_env(), stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("sibylq label: done 3"):
+            process.send_signal(signal.SIGINT)
+            break
+    _, rest = process.communicate(timeout=60)
+    stderr = "".join(lines) + rest
+
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert sorted(r["key"] for r in _records(out)) == [1, 2, 3]
