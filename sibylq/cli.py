@@ -9,6 +9,7 @@ try:  # Ctrl-C while the command starts (its imports take tenths of a second): n
     import asyncio
     import json
     import os
+    import signal
     import textwrap
     from collections.abc import Callable, Iterator, Sequence
     from contextlib import contextmanager
@@ -446,7 +447,18 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:  # the process's own command line: this process ends with the command
+        try:
+            return _main(sys.argv[1:])
+        finally:
+            # What is left is the embedded cluster's stop (an atexit hook, bounded by its
+            # timeouts): Ctrl-C there would only print a traceback from inside it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _main(argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    argv = list(argv)
     if argv[:1] == ["worker"]:  # the workers' own command, arguments and all
         return worker_cli.main(argv[1:], prog="sibylq worker")
     args, rest = build_parser().parse_known_args(argv)
