@@ -379,6 +379,8 @@ def _in_thread(function: Callable[[], T]) -> Future[T]:
     future: Future[T] = Future()
 
     def run() -> None:
+        if not future.set_running_or_notify_cancel():  # cancelled already: no one waits
+            return
         try:
             future.set_result(function())
         except BaseException as exc:  # handed to whoever waits

@@ -2,33 +2,42 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
 import sys
-import textwrap
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC
-from pathlib import Path
-from typing import Any
 
-import redis
+try:  # Ctrl-C while the command starts (its imports take tenths of a second): no traceback
+    import argparse
+    import asyncio
+    import json
+    import os
+    import signal
+    import textwrap
+    from collections.abc import Callable, Iterator, Sequence
+    from contextlib import contextmanager
+    from datetime import UTC
+    from pathlib import Path
+    from typing import Any
 
-from embedded.redis_server import find_redis_server
-from producer.client import Client
-from producer.version import sibylq_version
-from wire.contract import Failure, GenConf
-from wire.deadletters import DeadLetter, list_dead, purge_dead
-from wire.errors import BrokerUnavailableError, InvalidRequestError, NoWorkerError, SibylqError
-from wire.modelref import parse_model_ref
-from wire.redact import redact_url
-from wire.settings import get_settings
-from workers import cli as worker_cli
+    import redis
 
-from .deadletters import retry_dead
-from .status import add_status_parser, format_table, run_status
+    from embedded.redis_server import find_redis_server
+    from producer.client import Client
+    from producer.version import sibylq_version
+    from wire.contract import Failure, GenConf
+    from wire.deadletters import DeadLetter, list_dead, purge_dead
+    from wire.errors import BrokerUnavailableError, InvalidRequestError, NoWorkerError, SibylqError
+    from wire.modelref import parse_model_ref
+    from wire.redact import redact_url
+    from wire.settings import get_settings
+    from workers import cli as worker_cli
+
+    from .deadletters import retry_dead
+    from .status import add_status_parser, format_table, run_status
+except (KeyboardInterrupt, RuntimeError) as exc:
+    # A class body's __set_name__ turns Ctrl-C into a RuntimeError caused by it.
+    if not isinstance(exc, KeyboardInterrupt) and not isinstance(exc.__cause__, KeyboardInterrupt):
+        raise
+    print("sibylq: interrupted", file=sys.stderr)
+    sys.exit(130)  # EXIT_INTERRUPTED
 
 #: Exit statuses (``sibylq label --help`` and docs/labeling.md list them).
 EXIT_OK = 0
@@ -75,7 +84,8 @@ exit status:
   0    every row is done
   1    the run finished, and some rows failed (each with its error, in OUT):
        --retry-failed re-runs them
-  2    a mistake in the command or its files, found before any work (nothing written)
+  2    a mistake in the command or its files, found before any work (nothing written);
+       or a key repeated in the input, found when the run reaches it (rows before it kept)
   3    the run stopped: no worker serves the model, or Redis is unreachable; the rows
        finished so far are in OUT, and the same command resumes
   130  interrupted (Ctrl-C); the same command resumes"""
@@ -412,6 +422,8 @@ def _label_task(args: argparse.Namespace) -> Any:
 
 
 def _resume_hint(output: Path) -> str:
+    if not output.exists():
+        return f"no row had finished: {output} was not created. Run the same command again."
     return f"finished rows are in {output}. Run the same command again to resume."
 
 
@@ -435,7 +447,18 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:  # the process's own command line: this process ends with the command
+        try:
+            return _main(sys.argv[1:])
+        finally:
+            # What is left is the embedded cluster's stop (an atexit hook, bounded by its
+            # timeouts): Ctrl-C there would only print a traceback from inside it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _main(argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    argv = list(argv)
     if argv[:1] == ["worker"]:  # the workers' own command, arguments and all
         return worker_cli.main(argv[1:], prog="sibylq worker")
     args, rest = build_parser().parse_known_args(argv)
@@ -458,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SibylqError as exc:
         print(f"sibylq: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before or after a command's own handling (``label`` has one)
+        print("sibylq: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _unrecognized(argv: list[str], rest: list[str]) -> str:

@@ -122,11 +122,12 @@ async def label_file(
     (``OUT.manifest.json``), and the first row's fields against the template and
     ``id_field``. Nothing is written before the first row's result."""
     _check_input(input_path, output_path)
+    output_path = _followed(output_path)
     output_format = OutputFormat.for_path(output_path)
     output = OutputFile(output_path, Manifest.for_run(task, output_format, id_field), reuse)
     previous = output.previous()
     needs = task.template.fields
-    rows = head_read(read_rows(input_path, id_field=id_field, needs=needs))
+    rows = head_read(read_rows(input_path, id_field=id_field, needs=needs), input_path)
     summary = Summary(price=price_for(task.model.ref, task.model.client.connect()))
     results = label_rows(
         task,
@@ -155,6 +156,23 @@ def _check_input(input_path: Path, output_path: Path) -> None:
         raise InvalidRequestError(f"no input file {input_path}")
     if output_path.exists() and output_path.samefile(input_path):
         raise InvalidRequestError(f"-o {output_path} is the input file: name another output")
+
+
+def _followed(output_path: Path) -> Path:
+    """The file a symbolic link ``-o`` points to: the manifest goes next to it, and a rewrite
+    (``--overwrite``, ``--retry-failed``) replaces it, not the link."""
+    if not output_path.is_symlink():
+        return output_path
+    try:
+        target = output_path.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise InvalidRequestError(f"-o {output_path} is a link that leads nowhere: {exc}") from exc
+    if not target.parent.is_dir():
+        raise InvalidRequestError(
+            f"-o {output_path} is a link to {target}, whose directory {target.parent} does "
+            "not exist"
+        )
+    return target
 
 
 def _labels_of(classify: Any) -> tuple[str, ...]:

@@ -59,15 +59,31 @@ def rows_from(
     return _keyed(numbered, id_field, needs)
 
 
-def head_read(rows: Iterator[Row | BadRow], limit: int = 1000) -> Iterator[Row | BadRow]:
+def head_read(
+    rows: Iterator[Row | BadRow], source: Path, limit: int = 1000
+) -> Iterator[Row | BadRow]:
     """``rows``, with its head read now, up to the first readable row (at most ``limit``):
-    the check of the first row's fields raises here, before any work starts."""
+    the check of the first row's fields raises here, before any work starts. So does an
+    input with no row, or none that can be labeled (not JSON Lines, say)."""
     head: list[Row | BadRow] = []
     for row in rows:
         head.append(row)
         if isinstance(row, Row) or len(head) >= limit:
-            break
-    return itertools.chain(head, rows)
+            return itertools.chain(head, rows)
+    if not head:
+        raise InvalidRequestError(f"{source} holds no rows: nothing to label")
+    first = head[0]  # every row is a BadRow: none was readable
+    assert isinstance(first, BadRow)
+    more = "" if len(head) == 1 else f", and the {len(head) - 1} other rows cannot either"
+    raise InvalidRequestError(
+        f"no row of {source} can be labeled ({first.error}{more}). {_FORMATS}"
+    )
+
+
+_FORMATS = (
+    "sibylq label reads JSON Lines (.jsonl: one JSON object a line) or CSV (.csv: a header "
+    "line, then one row a line)"
+)
 
 
 FieldsOrError = tuple[int, Mapping[str, Any] | None, str | None]
@@ -79,7 +95,8 @@ def _jsonl_fields(path: Path) -> Iterator[FieldsOrError]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                # A byte order mark (Windows editors write one) is no part of the first row.
+                record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
             except UnicodeDecodeError as exc:
                 yield number, None, f"line {number} is not UTF-8: {exc.reason} at byte {exc.start}"
                 continue
@@ -94,7 +111,8 @@ def _jsonl_fields(path: Path) -> Iterator[FieldsOrError]:
 
 def _csv_fields(path: Path) -> Iterator[FieldsOrError]:
     with path.open("rb") as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+        # utf-8-sig: a byte order mark (Excel writes one) is no part of the first column's name.
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
         reader = csv.DictReader(text)
         while True:
             try:
@@ -128,12 +146,16 @@ def _keyed(
             _check_fields(fields, line, id_field, needs)
             checked = True
         field = id_field if id_field is not None else ("id" if "id" in fields else None)
-        if field is None:
-            yield Row(key=line, fields=fields, line=line)
-        elif field not in fields or fields[field] in (None, ""):
+        if field is not None and (field not in fields or fields[field] in (None, "")):
             yield BadRow(key=line, line=line, error=f"line {line} has no {field!r} field")
+            continue
+        key = line if field is None else fields[field]
+        nulls = [name for name in sorted(needs) if name in fields and fields[name] is None]
+        if nulls:  # it would be asked about "None"
+            named = ", ".join(repr(name) for name in nulls)
+            yield BadRow(key=key, line=line, error=f"line {line}: {named} is null")
         else:
-            yield Row(key=fields[field], fields=fields, line=line)
+            yield Row(key=key, fields=fields, line=line)
 
 
 def _check_fields(

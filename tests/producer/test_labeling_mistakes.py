@@ -355,7 +355,7 @@ def test_no_worker_stops_the_run_with_a_clear_error(
     error = _error(result)
     assert "no live worker serves queue 'sibylq.llamacpp.unserved'" in error
     assert "sibylq worker llamacpp:/models/unserved.gguf" in error
-    assert "stopped; finished rows are in" in result.stderr
+    assert f"stopped; no row had finished: {out} was not created" in result.stderr
     assert "Exception in callback" not in result.stderr
     assert not out.exists()
 
