@@ -58,6 +58,11 @@ class ChoiceProbe:
         self._pending: list[tuple[frozenset[str], float]] | None = None
         self._observed = False
 
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """Every label's JSON texts: what a token must be part of to fit a label."""
+        return tuple(sorted({text for texts in self._texts.values() for text in texts}))
+
     def wants(self, text: str) -> bool:
         """Whether the step after ``text`` (the answer so far) is before the choice is made."""
         open_labels = self._open(text)
@@ -70,6 +75,8 @@ class ChoiceProbe:
         assert value is not None, "observe only where wants() said so"
         groups: dict[frozenset[str], float] = {}
         for piece, logprob in candidates:
+            if not piece:  # a special token (end of text...): it spells no label
+                continue
             fits = self._fitting(value, piece)
             if fits:
                 groups[fits] = groups.get(fits, 0.0) + math.exp(logprob)

@@ -115,3 +115,12 @@ def test_probabilities_sum_to_one_over_the_labels_along_any_path(
     assert set(probs) == set(labels)
     assert all(0 <= p <= 1 for p in probs.values())
     assert sum(probs.values()) == pytest.approx(1)
+
+
+def test_a_token_with_no_text_spells_no_label() -> None:
+    """A special token (the end of text) has no text: it must not count as the beginning
+    every label shares."""
+    steps = [(START + '"', {"": 0.5, "sp": 0.3, "ham": 0.2})]
+    assert run(["spam", "ham"], steps, START + '"spam"}') == pytest.approx(
+        {"spam": 0.6, "ham": 0.4}
+    )

@@ -269,3 +269,18 @@ def test_the_sequences_a_worker_batches_depend_on_its_device_unless_set(
     assert settings.llama_sequences == sequences
     defaults = pool_defaults(parse_model_ref("llamacpp:smollm2"), settings)
     assert (defaults.pool, defaults.concurrency) == (pool, sequences)
+
+
+def test_a_label_the_model_finds_unlikely_still_gets_its_share(one_job: LlamaCppBackend) -> None:
+    """Every token that can spell a label is read at the choice point, not only the likeliest
+    ones: on this SMS (the shipped sample's third) no token of "ham" is among the model's
+    64 likeliest there, yet the model gives it a few percent once the schema's grammar rules
+    out everything else."""
+    sms = (
+        "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121 "
+        "to receive entry question(std txt rate)T&C's apply 08452810075over18's"
+    )
+    schema = classify_target(["spam", "ham"]).json_schema
+    answer = one_job.complete(request(f"Is this SMS spam? {sms}", schema))
+    assert answer.label_probs is not None
+    assert 0.001 < answer.label_probs["ham"] < 0.5

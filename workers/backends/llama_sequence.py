@@ -30,21 +30,46 @@ from .llama_prompt import ChatPrompt
 #: ``Llama``'s defaults for the samplers sibylq's GenConf does not name.
 TOP_K = 40
 MIN_P = 0.05
-#: The most likely tokens a choice point's probabilities are read from (the rest of a
-#: ~49k vocabulary holds next to nothing there).
+#: The likeliest tokens read at a choice point beside those that can spell a label.
 CANDIDATES = 64
 
 
-def top_candidates(llm: Llama, logits: npt.NDArray[np.float32]) -> list[tuple[str, float]]:
-    """The ``CANDIDATES`` likeliest next tokens' text and log-probability, from the raw
-    logits of one position (``ChoiceProbe.observe``)."""
+def choice_candidates(
+    llm: Llama, logits: npt.NDArray[np.float32], probe: ChoiceProbe
+) -> list[tuple[str, float]]:
+    """The text and log-probability, from the raw logits of one position, of every token
+    that could spell part of a label (so no label's share is lost however unlikely the
+    model finds it) and of the ``CANDIDATES`` likeliest (``ChoiceProbe.observe``)."""
     top = np.argpartition(logits, -CANDIDATES)[-CANDIDATES:]
+    ids = np.union1d(top, label_token_ids(llm, probe.spellings))
     peak = float(logits.max())
     log_total = peak + math.log(float(np.exp(logits - peak).sum()))
-    return [
-        (llm.detokenize([int(t)]).decode("utf-8", errors="ignore"), float(logits[t]) - log_total)
-        for t in top
-    ]
+    pieces = vocabulary_pieces(llm)
+    return [(pieces[t], float(logits[t]) - log_total) for t in ids.tolist()]
+
+
+@lru_cache(maxsize=4)
+def vocabulary_pieces(llm: Llama) -> tuple[str, ...]:
+    """Each token's text, by id (built once per model and process: ~0.3 s)."""
+    return tuple(
+        llm.detokenize([token]).decode("utf-8", errors="ignore") for token in range(llm.n_vocab())
+    )
+
+
+@lru_cache(maxsize=256)
+def label_token_ids(llm: Llama, spellings: tuple[str, ...]) -> npt.NDArray[np.intp]:
+    """The tokens whose text, but for whitespace, is part of a label's JSON text or of its
+    end (``"}``), or is all whitespace: the only ones that can fit a label (tokens with no
+    text, the special ones, spell nothing)."""
+    ends = tuple(spelling + "}" for spelling in spellings)
+    return np.array(
+        [
+            token
+            for token, piece in enumerate(vocabulary_pieces(llm))
+            if piece and any(piece.strip() in end for end in ends)
+        ],
+        dtype=np.intp,
+    )
 
 
 def logits_at(llm: Llama, ctx: Any, index: int) -> npt.NDArray[np.float32]:
@@ -71,7 +96,7 @@ class ChoiceObserver:
         output = [int(t) for t in input_ids[self._prompt_len :]]
         text = self._llm.detokenize(output).decode("utf-8", errors="ignore")
         if self.probe.wants(text):
-            self.probe.observe(text, top_candidates(self._llm, scores))
+            self.probe.observe(text, choice_candidates(self._llm, scores, self.probe))
         return scores
 
 
@@ -176,7 +201,7 @@ class Sequence:
             return
         text = self.text.decode("utf-8", errors="ignore")
         if self.probe.wants(text):
-            self.probe.observe(text, top_candidates(llm, logits_at(llm, ctx, index)))
+            self.probe.observe(text, choice_candidates(llm, logits_at(llm, ctx, index), self.probe))
 
     def accept(self, llm: Llama, token: int) -> None:
         """Take a sampled token; sets ``finish_reason`` when the sequence is done. The text
