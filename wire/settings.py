@@ -39,10 +39,6 @@ class Price(BaseModel):
     output: float = Field(ge=0)
 
 
-#: The llama.cpp jobs decoded together by default when a worker offloads layers to a GPU.
-GPU_LLAMA_SEQUENCES = 8
-
-
 class Settings(BaseSettings):
     """Configuration shared by producers and workers. Every variable is in docs/configuration.md."""
 
@@ -102,11 +98,12 @@ class Settings(BaseSettings):
         default=2048, gt=0, description="Context (KV cells) of each llama.cpp sequence."
     )
     llama_batch: int = Field(
-        default=0,
-        ge=0,
+        default=1,
+        ge=1,
         description="Jobs a llama.cpp worker process decodes together (continuous batching, "
         "a threads pool of this many); 1: one job a process, prefork. The KV cache holds "
-        "llama_batch x llama_n_ctx cells. 0 (the default): by the device (llama_sequences).",
+        "llama_batch x llama_n_ctx cells. 1 by default: on 2 CPU cores batching measured "
+        "slower than one job at a time (benchmarks/llama.py).",
     )
     llama_n_gpu_layers: int = 0
     llama_n_threads: int | None = Field(default=None, gt=0)
@@ -206,16 +203,6 @@ class Settings(BaseSettings):
                 f"{LEASE_BEATS} times SIBYLQ_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g})"
             )
         return self
-
-    @property
-    def llama_sequences(self) -> int:
-        """The jobs a llama.cpp worker process decodes together: ``llama_batch``, else 8 when
-        layers run on a GPU (a step of 8 costs about what a step of 1 does there) and 1 on
-        CPUs (a step of 8 costs ~5x a step of 1 on 2 cores: ``python -m benchmarks llama``
-        measured classify slower batched, extract 1.25x)."""
-        if self.llama_batch:
-            return self.llama_batch
-        return GPU_LLAMA_SEQUENCES if self.llama_n_gpu_layers != 0 else 1
 
     @property
     def broker_visibility_timeout_s(self) -> int:

@@ -100,7 +100,7 @@ def pool_defaults(ref: ModelRef, settings: Settings) -> PoolDefaults:
     if api_provider(ref.provider) is not None:
         return PoolDefaults("threads", settings.openai_concurrency)
     if ref.provider == "llamacpp":
-        batch = settings.llama_sequences
+        batch = settings.llama_batch
         return PoolDefaults("threads", batch) if batch > 1 else PoolDefaults("prefork", 1)
     return PoolDefaults("threads", 8)
 

@@ -250,27 +250,6 @@ def test_a_classification_gives_each_labels_probability_on_both_paths(
     assert batched[1].label_probs is None  # not a classification
 
 
-@pytest.mark.parametrize(
-    ("environ", "sequences", "pool"),
-    [
-        ({}, 1, "prefork"),  # CPUs: one job a process
-        ({"llama_n_gpu_layers": -1}, 8, "threads"),  # a GPU: 8 sequences in one process
-        ({"llama_n_gpu_layers": -1, "llama_batch": 2}, 2, "threads"),
-        ({"llama_batch": 4}, 4, "threads"),
-    ],
-)
-def test_the_sequences_a_worker_batches_depend_on_its_device_unless_set(
-    environ: dict[str, int], sequences: int, pool: str
-) -> None:
-    from wire.modelref import parse_model_ref
-    from workers.cli import pool_defaults
-
-    settings = Settings(**environ)
-    assert settings.llama_sequences == sequences
-    defaults = pool_defaults(parse_model_ref("llamacpp:smollm2"), settings)
-    assert (defaults.pool, defaults.concurrency) == (pool, sequences)
-
-
 def test_a_label_the_model_finds_unlikely_still_gets_its_share(one_job: LlamaCppBackend) -> None:
     """Every token that can spell a label is read at the choice point, not only the likeliest
     ones: on this SMS (the shipped sample's third) no token of "ham" is among the model's

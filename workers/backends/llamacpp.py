@@ -53,7 +53,7 @@ class LlamaCppBackend:
         """A job's context: ``SIBYLQ_LLAMA_N_CTX`` (each of a batching engine's sequences has
         that much); no output limit but that context."""
         llm = self.load(resolve_model_path(self._served_name(model), self._settings))
-        batching = self._settings.llama_sequences > 1
+        batching = self._settings.llama_batch > 1
         return ModelContext(ctx_len=self._settings.llama_n_ctx if batching else llm.n_ctx())
 
     def count_tokens(self, request: CompletionRequest) -> TokenCount:
@@ -67,7 +67,7 @@ class LlamaCppBackend:
 
     def complete(self, request: CompletionRequest) -> Completion:
         path = resolve_model_path(self._served_name(request.model), self._settings)
-        if self._settings.llama_sequences > 1:
+        if self._settings.llama_batch > 1:
             return self.engine(path).complete(request)
         llm = self.load(path)
         schema = request.json_schema
@@ -129,13 +129,13 @@ class LlamaCppBackend:
         llm = self.load(path)
         with self._lock:
             if path not in self._engines:
-                batch, n_ctx = self._settings.llama_sequences, self._settings.llama_n_ctx
+                batch, n_ctx = self._settings.llama_batch, self._settings.llama_n_ctx
                 self._engines[path] = LlamaEngine(llm, batch, n_ctx)
             return self._engines[path]
 
     def load(self, path: Path) -> Llama:
         """The model at ``path``, loaded on first use and kept for the process's life."""
-        batching = self._settings.llama_sequences > 1
+        batching = self._settings.llama_batch > 1
         with self._lock:
             if path not in self._models:
                 try:
