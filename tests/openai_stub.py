@@ -26,8 +26,10 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ``stub-no-json-schema``     ``json_schema`` -> HTTP 500 as llama_cpp.server answers it (its request
                             model accepts only ``text`` and ``json_object``)
 ``stub-tools-only``         any JSON ``response_format`` -> HTTP 400 on ``response_format``
-``stub-no-logprobs``        ``logprobs`` -> HTTP 400 naming them (Groq's answer; llama_cpp.server's
-                            is a 500 without ``logits_all``)
+``stub-no-logprobs``        ``logprobs`` -> HTTP 400 naming them (Groq's answer)
+``stub-no-logprobs-500``    ``logprobs`` -> HTTP 500 naming them (llama_cpp.server's words
+                            without ``logits_all``)
+``stub-no-alternatives``    ``logprobs`` without alternatives (``top_logprobs`` ignored)
 ``stub-truncate``           the answer cut in half, ``finish_reason`` ``"length"``
 ``stub-invalid``            ``"this is not json"``, ``finish_reason`` ``"stop"``, whatever was asked
 ``stub-invalid-once``       ``"this is not json"`` unless ``messages`` holds an ``assistant``
@@ -109,6 +111,8 @@ MODELS = (
     "stub-no-json-schema",
     "stub-tools-only",
     "stub-no-logprobs",
+    "stub-no-logprobs-500",
+    "stub-no-alternatives",
     "stub-truncate",
     "stub-invalid",
     "stub-invalid-once",
@@ -324,6 +328,14 @@ def _requested_logprobs(model: str, body: JSON) -> int | None:
         return None
     if model == "stub-no-logprobs":
         raise StubError(400, "logprobs is not supported with this model", param="logprobs")
+    if model == "stub-no-logprobs-500":
+        raise StubError(
+            500,
+            "logprobs is not supported for models created with logits_all=False",
+            type_="internal_server_error",
+        )
+    if model == "stub-no-alternatives":
+        return 0  # logprobs of the chosen tokens only, as a server ignoring top_logprobs
     if top is None:
         return 0
     if not isinstance(top, int) or not 0 <= top <= 20:

@@ -510,3 +510,36 @@ def test_llama_cpp_server_classifies_through_a_tool_call_without_label_probabili
         assert json.loads(completion.text)["output"] in ("spam", "ham", "maybe")
     assert completion.label_probs is None
     assert backend.remembered_mode("smollm2") == "tools"
+
+
+def test_a_500_naming_logprobs_is_a_refusal_not_a_retry(
+    backend: OpenAIBackend, stub: OpenAIStub
+) -> None:
+    """llama_cpp.server without ``logits_all`` refuses logprobs with a 500: the request is
+    sent again without them at once, not parked for a retry that would fail the same way."""
+    completion = backend.complete(request("stub-no-logprobs-500", LABELS))
+    assert json.loads(completion.text) == {"output": "spam"}
+    assert completion.label_probs is None
+    assert [body.get("logprobs") for body in stub.requests] == [True, None]
+
+
+def test_logprobs_without_alternatives_give_no_label_probabilities(
+    backend: OpenAIBackend,
+) -> None:
+    completion = backend.complete(request("stub-no-alternatives", LABELS))
+    assert json.loads(completion.text) == {"output": "spam"}
+    assert completion.label_probs is None
+
+
+def test_a_null_top_logprobs_never_fails_the_answer() -> None:
+    """Some servers send ``top_logprobs: null``; the SDK passes it through unvalidated."""
+    from types import SimpleNamespace
+
+    from workers.backends.openai_api import _label_probs
+
+    tokens = [
+        SimpleNamespace(token=piece, logprob=0.0, top_logprobs=None)
+        for piece in ('{"', "output", '":', ' "', "spam", '"}')
+    ]
+    choice: Any = SimpleNamespace(logprobs=SimpleNamespace(content=tokens))
+    assert _label_probs(choice, request(schema=LABELS), '{"output": "spam"}') is None

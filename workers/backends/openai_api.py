@@ -79,7 +79,7 @@ OPENAI = API_PROVIDERS["openai"]
 
 _OUTPUT_NAME = "output"
 _REFUSAL_STATUSES = frozenset({400, 422})
-_REFUSAL_WORDS = ("response_format", "json_schema", "tool")
+_REFUSAL_WORDS = ("response_format", "json_schema", "tool", "logprob")
 _CONTEXT_WORDS = ("maximum context length", "context window", "context length")
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
 _QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
@@ -159,8 +159,8 @@ class OpenAIBackend:
     ) -> ChatCompletion:
         """A structured request; a classification's asks for the answer's ``logprobs`` too
         (its label probabilities), where the provider offers them and the endpoint did not
-        refuse them before. A refusal that names them is remembered and the request sent
-        again without (llama_cpp.server needs ``logits_all``; Groq answers 400)."""
+        refuse them before. A refusal that names them (a 400, 422 or 500: Groq answers 400) is
+        remembered and the request sent again without."""
         asks = (
             mode != "tools"  # logprobs cover message content, not a tool call's arguments
             and self._provider.logprobs
@@ -370,7 +370,8 @@ def _completion(
 def _label_probs(choice: Choice, request: CompletionRequest, text: str) -> dict[str, float] | None:
     """A classification's label probabilities from the answer's ``logprobs``: each token and
     its ``top_logprobs`` alternatives (labels outside them count as improbable). None when
-    the server gave none."""
+    the server gave none, or no alternatives where the choice was made (never an error: the
+    answer itself is fine)."""
     labels = choice_labels(request.json_schema)
     tokens = choice.logprobs.content if choice.logprobs is not None else None
     if labels is None or not tokens:
@@ -378,9 +379,11 @@ def _label_probs(choice: Choice, request: CompletionRequest, text: str) -> dict[
     probe, written = ChoiceProbe(labels), ""
     for token in tokens:
         if probe.wants(written):
-            alternatives = [(one.token, one.logprob) for one in token.top_logprobs]
-            probe.observe(written, alternatives or [(token.token, token.logprob)])
-        written += token.token
+            alternatives = [(one.token, one.logprob) for one in token.top_logprobs or ()]
+            if not alternatives:
+                return None
+            probe.observe(written, alternatives)
+        written += token.token or ""
     return probe.result(text)
 
 
