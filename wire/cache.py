@@ -82,7 +82,7 @@ def entry(spec: JobSpec, envelope: Envelope) -> tuple[str, str] | None:
     key = entry_key(spec)
     if key is None or envelope.cached:
         return None
-    return key, envelope.model_dump_json()
+    return key, json.dumps(envelope.encode())  # as results are stored: fields added unset stay out
 
 
 def store_as_result(client: redis.Redis, job_id: str, envelope: Envelope, expires_s: int) -> None:

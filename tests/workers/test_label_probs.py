@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -124,3 +125,42 @@ def test_a_token_with_no_text_spells_no_label() -> None:
     assert run(["spam", "ham"], steps, START + '"spam"}') == pytest.approx(
         {"spam": 0.6, "ham": 0.4}
     )
+
+
+def _envelope(label_probs: dict[str, float] | None) -> Any:
+    from datetime import UTC, datetime
+
+    from wire.contract import Envelope, Timings, Usage
+
+    now = datetime.now(UTC)
+    return Envelope(
+        value={"output": "spam"},
+        raw_text='{"output": "spam"}',
+        finish_reason="stop",
+        usage=Usage(),
+        model="m",
+        worker="w",
+        timings=Timings(created_at=now, started_at=now, finished_at=now),
+        label_probs=label_probs,
+    )
+
+
+def test_a_result_or_cache_entry_without_probabilities_leaves_the_field_out() -> None:
+    """Producers and workers of earlier releases refuse fields they do not know: a result
+    (or a cache entry, which a worker of an earlier release may read) without
+    probabilities is the JSON it always was."""
+    from wire.cache import entry
+    from wire.contract import Envelope, GenConf, JobKind, JobSpec, Message
+
+    spec = JobSpec(
+        model="fake",
+        kind=JobKind.CLASSIFY,
+        messages=(Message(role="user", content="x"),),
+        json_schema=classify_target(["spam", "ham"]).json_schema,
+        genconf=GenConf(temperature=0),
+    )
+    plain, with_probs = _envelope(None), _envelope({"spam": 0.9, "ham": 0.1})
+    assert "label_probs" not in plain.encode()
+    cached = entry(spec, plain)
+    assert cached is not None and "label_probs" not in json.loads(cached[1])
+    assert Envelope.decode(with_probs.encode()).label_probs == {"spam": 0.9, "ham": 0.1}
