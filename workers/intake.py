@@ -58,7 +58,8 @@ _MAX_ID_LENGTH = 255
 MAX_NESTING = 200
 _LOGGED_BYTES = 2048
 #: Celery's remote-control replies (``celery inspect``, a plain ``celery worker``'s mingle)
-#: come back on ``<oid>.reply.celery.pidbox`` lists: kombu messages, not jobs, not screened.
+#: come back on ``<oid>.reply.celery.pidbox`` lists: kombu messages, not jobs
+#: (``screen_reply``).
 _REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
 
 
@@ -88,6 +89,23 @@ def screen(entry: bytes | str) -> Refusal | None:
         _check_body(message["body"])
     except MalformedError as exc:
         return Refusal(str(exc), _job_id(message))
+    return None
+
+
+def screen_reply(entry: bytes | str) -> Refusal | None:
+    """None when ``entry`` is a kombu message whose body is JSON: what Celery's
+    remote-control replies (``celery inspect``, a plain worker's mingle) are. They are no
+    jobs, so only their shape is checked, enough for kombu to decode them."""
+    try:
+        message = json.loads(entry)
+        if not isinstance(message, dict):
+            return Refusal("the entry is not a JSON object", None)
+        _check_envelope(message)
+        json.loads(base64.b64decode(message["body"], validate=True))
+    except MalformedError as exc:
+        return Refusal(str(exc), None)
+    except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError too
+        return Refusal("the entry is not a kombu message with a JSON body", None)
     return None
 
 
@@ -192,9 +210,8 @@ def _valid_id(value: Any) -> str | None:
 
 def admit(list_key: bytes | str, entry: bytes | str, settings: Settings | None = None) -> bool:
     """True if the entry popped from ``list_key`` may go on to kombu; else it is set aside."""
-    if _text(list_key).partition(KOMBU_PRIORITY_SEP)[0].endswith(_REPLY_QUEUE_SUFFIX):
-        return True
-    refusal = screen(entry)
+    replies = _text(list_key).partition(KOMBU_PRIORITY_SEP)[0].endswith(_REPLY_QUEUE_SUFFIX)
+    refusal = screen_reply(entry) if replies else screen(entry)
     if refusal is None:
         return True
     raw = entry.encode() if isinstance(entry, str) else entry
