@@ -35,6 +35,9 @@ from .waiting import UNREACHABLE, ready_meta
 log = logging.getLogger(__name__)
 
 _BATCH = 1000
+#: Stored results read in one MGET: small enough that a reply of large results arrives well
+#: within ``_COMMAND_TIMEOUT_S`` (a read cut by it would be sent again, and cut again).
+_READ_BATCH = 100
 _RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 #: A pub/sub connection quiet this long is PINGed; one quiet this long again is dead.
 _IDLE_S = 5.0
@@ -208,7 +211,8 @@ class ResultListener:
             await pubsub.subscribe(*map(result_key, chunk))
             self._subscribed.update(chunk)
         # A watch made meanwhile is in the next _unread: read again after its subscription.
-        for chunk in _chunks(job_id for job_id in unread.union(new) if job_id in self._waiters):
+        watched = (job_id for job_id in unread.union(new) if job_id in self._waiters)
+        for chunk in _chunks(watched, _READ_BATCH):
             await self._read_stored(chunk)
 
     async def _read_stored(self, job_ids: list[str]) -> None:
@@ -262,11 +266,11 @@ def _client(url: str, name: str, endpoint: Callable[[str], Endpoint]) -> aioredi
     return aioredis.Redis(connection_pool=pool)
 
 
-def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
+def _chunks(items: Iterable[str], size: int = _BATCH) -> Iterable[list[str]]:
     batch: list[str] = []
     for item in items:
         batch.append(item)
-        if len(batch) == _BATCH:
+        if len(batch) == size:
             yield batch
             batch = []
     if batch:
