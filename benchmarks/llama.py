@@ -181,7 +181,11 @@ class LlamaServer:
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self._url = f"http://127.0.0.1:{port}"
-        _wait_healthy(self._url + "/health", self._process)
+        try:
+            _wait_healthy(self._url + "/health", self._process)
+        except BaseException:
+            self.close()
+            raise
 
     def block(self, task: str, rows: list[dict[str, Any]]) -> list[Answer]:
         """The rows' answers, as many requests in flight as the server has slots."""

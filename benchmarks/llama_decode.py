@@ -55,6 +55,7 @@ def decode_costs(llm: Any, sizes: tuple[int, ...]) -> DecodeCosts:
             started = time.perf_counter()
             if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
+            llama_cpp.llama_synchronize(ctx.ctx)  # a GPU's work ends here, not at the call's
             return time.perf_counter() - started
 
         prompt = [
