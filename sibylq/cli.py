@@ -376,7 +376,6 @@ def _run_label(args: argparse.Namespace) -> int:
                 reuse=reuse,
             )
         )
-        return _report(summary, args)
     except KeyboardInterrupt:
         _say(f"interrupted; {_resume_hint(args.output)}")
         return EXIT_INTERRUPTED
@@ -384,6 +383,9 @@ def _run_label(args: argparse.Namespace) -> int:
         print(f"sibylq: error: {exc}", file=sys.stderr)
         _say(f"stopped; {_resume_hint(args.output)}")
         return EXIT_STOPPED
+    if args.owns_process:  # every row is written: a Ctrl-C now would only cut the exit short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _report(summary, args)
 
 
 def _report(summary: Any, args: argparse.Namespace) -> int:
@@ -449,7 +451,7 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the process's own command line: this process ends with the command
         try:
-            return _main(sys.argv[1:])
+            return _main(sys.argv[1:], owns_process=True)
         finally:
             # What is left is the embedded cluster's stop (an atexit hook, bounded by its
             # timeouts): Ctrl-C there would only print a traceback from inside it.
@@ -457,11 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _main(argv)
 
 
-def _main(argv: Sequence[str]) -> int:
+def _main(argv: Sequence[str], *, owns_process: bool = False) -> int:
+    """``owns_process``: the command is this process's (signals are its to set)."""
     argv = list(argv)
     if argv[:1] == ["worker"]:  # the workers' own command, arguments and all
         return worker_cli.main(argv[1:], prog="sibylq worker")
     args, rest = build_parser().parse_known_args(argv)
+    args.owns_process = owns_process
     try:
         if args.command == "redis-server":
             binary = find_redis_server()
