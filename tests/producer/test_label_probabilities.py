@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import pytest
 
 from producer import Client, Models
 from tests.conftest import Worker
+from tests.producer.labeling_cli import run_label
 
 LABELS = ["spam", "ham"]
 
@@ -47,11 +46,6 @@ def test_other_jobs_carry_none(client: Client, openai_worker: Worker) -> None:
     assert job.envelope().label_probs is None
 
 
-def _label(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "sibylq", "label", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])
 def test_sibylq_label_writes_each_rows_label_probabilities(
     worker_env: dict[str, str], openai_worker: Worker, tmp_path: Path, suffix: str
@@ -61,7 +55,7 @@ def test_sibylq_label_writes_each_rows_label_probabilities(
     out = tmp_path / f"out.{suffix}"
     args = ["--model", "openai:stub", "--classify", "spam,ham", "--prompt", "Spam? {text}"]
     args += ["-o", str(out)]
-    result = _label(worker_env, str(source), *args)
+    result = run_label(worker_env, str(source), *args)
     assert result.returncode == 0, result.stderr
     rows: list[dict[str, Any]]
     if suffix == "csv":

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +22,8 @@ from producer import Client, InvalidRequestError, Models, NoWorkerError
 from producer.labeling import label, make_task
 from producer.labeling.manifest import manifest_path
 from tests.conftest import Worker
+from tests.producer.labeling_cli import PROMPT, SPAM_HAM, one_error, read_records, run_label
 from wire.constants import queue_name
-
-PROMPT = "Is this SMS spam? {text}"
-SPAM_HAM = ["--model", "fake", "--classify", "spam,ham", "--prompt", PROMPT]
 
 
 def _sms(n: int) -> list[dict[str, Any]]:
@@ -37,25 +33,6 @@ def _sms(n: int) -> list[dict[str, Any]]:
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _label(
-    env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "sibylq", "label", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _error(result: subprocess.CompletedProcess[str]) -> str:
-    """The one error line, checked to be one line with no traceback."""
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 @pytest.fixture
@@ -88,13 +65,13 @@ def test_a_rerun_with_another_command_stops_and_says_how_to_start_fresh(
     (tmp_path / "schema.json").write_text(json.dumps({"enum": ["spam", "ham"]}))
     change = [str(tmp_path / "schema.json") if arg == "SCHEMA" else arg for arg in change]
     out = tmp_path / "out.jsonl"
-    assert _label(env, str(source), *SPAM_HAM, "-o", str(out)).returncode == 0
+    assert run_label(env, str(source), *SPAM_HAM, "-o", str(out)).returncode == 0
     before = out.read_bytes(), manifest_path(out).read_bytes()
 
-    result = _label(env, str(source), *change, "-o", str(out))
+    result = run_label(env, str(source), *change, "-o", str(out))
 
     assert result.returncode == 2
-    error = _error(result)
+    error = one_error(result)
     assert "holds rows made by another command" in error and named in error
     assert "another -o" in error and "--overwrite" in error
     assert (out.read_bytes(), manifest_path(out).read_bytes()) == before
@@ -105,20 +82,20 @@ def test_overwrite_replaces_the_rows_of_another_command(
 ) -> None:
     source = _write_jsonl(tmp_path / "in.jsonl", _sms(6))
     out = tmp_path / "out.jsonl"
-    assert _label(env, str(source), *SPAM_HAM, "-o", str(out)).returncode == 0
+    assert run_label(env, str(source), *SPAM_HAM, "-o", str(out)).returncode == 0
     yes_no = ["--model", "fake", "--classify", "yes,no", "--prompt", PROMPT, "-o", str(out)]
 
-    result = _label(env, str(source), *yes_no, "--overwrite")
+    result = run_label(env, str(source), *yes_no, "--overwrite")
 
     assert result.returncode == 0, result.stderr
     assert "done 6, failed 0, skipped 0" in result.stderr
-    records = _records(out)
+    records = read_records(out)
     assert sorted(r["key"] for r in records) == [1, 2, 3, 4, 5, 6]
     assert {r["result"] for r in records} == {"yes"}  # the fake model picks the first label
     fingerprint = json.loads(manifest_path(out).read_text())["fingerprint"]
     assert all(r["job_id"].startswith(f"label-{fingerprint}-") for r in records)
-    again = _label(env, str(source), *yes_no)  # the same command resumes again
-    assert (again.returncode, len(_records(out))) == (0, 6)
+    again = run_label(env, str(source), *yes_no)  # the same command resumes again
+    assert (again.returncode, len(read_records(out))) == (0, 6)
     assert "skipped 6" in again.stderr
 
 
@@ -127,10 +104,10 @@ def test_an_output_with_no_manifest_is_not_reused(env: dict[str, str], tmp_path:
     out = tmp_path / "precious.jsonl"
     out.write_text('{"mine": true}\n')
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out))
 
     assert result.returncode == 2
-    assert "no precious.jsonl.manifest.json next to it" in _error(result)
+    assert "no precious.jsonl.manifest.json next to it" in one_error(result)
     assert out.read_text() == '{"mine": true}\n'
     assert not manifest_path(out).exists()
 
@@ -151,12 +128,12 @@ def test_retry_failed_keeps_a_csv_output_csv_and_a_rerun_adds_nothing(
     source = _write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.csv"
     args = [str(source), *SPAM_HAM, "-o", str(out)]
-    assert _label(env, *args).returncode == 1
+    assert run_label(env, *args).returncode == 1
     rows[3]["text"] = "fixed"
     _write_jsonl(source, rows)
 
-    retried = _label(env, *args, "--retry-failed")
-    again = _label(env, *args)
+    retried = run_label(env, *args, "--retry-failed")
+    again = run_label(env, *args)
 
     assert (retried.returncode, again.returncode) == (0, 0), retried.stderr + again.stderr
     assert "done 1, failed 0, skipped 5" in retried.stderr
@@ -189,11 +166,11 @@ def test_a_template_field_no_row_has_stops_before_any_work(
         _write_jsonl(source, _sms(3))
     out = tmp_path / "out.jsonl"
 
-    result = _label(env, str(source), "--model", "fake", "--classify", "spam,ham",
+    result = run_label(env, str(source), "--model", "fake", "--classify", "spam,ham",
                     "--prompt", "Is this SMS spam? {body}", "-o", str(out))  # fmt: skip
 
     assert result.returncode == 2
-    error = _error(result)
+    error = one_error(result)
     assert error.startswith("sibylq: error: the prompt template uses {body}")
     assert "(line 1 has: id, text)" in error or "(line 2 has: id, text)" in error
     assert not out.exists() and not manifest_path(out).exists()
@@ -203,10 +180,10 @@ def test_an_id_field_no_row_has_stops_before_any_work(env: dict[str, str], tmp_p
     source = _write_jsonl(tmp_path / "in.jsonl", _sms(3))
     out = tmp_path / "out.jsonl"
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out), "--id-field", "sms_id")
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out), "--id-field", "sms_id")
 
     assert result.returncode == 2
-    assert "the rows have no id field 'sms_id' (line 1 has: id, text)" in _error(result)
+    assert "the rows have no id field 'sms_id' (line 1 has: id, text)" in one_error(result)
     assert not out.exists()
 
 
@@ -217,7 +194,7 @@ def test_a_run_that_ends_with_failed_rows_exits_1_and_says_where_the_errors_are(
     source.write_text('{"id": 1, "text": "ok"}\n' + "{not json\n" * 3)
     out = tmp_path / "out.jsonl"
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out))
 
     assert result.returncode == 1
     assert "done 1, failed 3, skipped 0" in result.stderr
@@ -242,10 +219,10 @@ def test_an_unusable_output_is_one_error_line(
     (tmp_path / "a_directory").mkdir()
     listing = sorted(tmp_path.rglob("*"))
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(tmp_path / output))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(tmp_path / output))
 
     assert result.returncode == 2
-    assert says.format(tmp=tmp_path) in _error(result)
+    assert says.format(tmp=tmp_path) in one_error(result)
     assert sorted(tmp_path.rglob("*")) == listing
 
 
@@ -254,9 +231,9 @@ def test_a_read_only_directory_is_refused(env: dict[str, str], tmp_path: Path) -
     source = _write_jsonl(tmp_path / "in.jsonl", _sms(3))
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(locked / "out.jsonl"))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(locked / "out.jsonl"))
     assert result.returncode == 2
-    assert f"{locked} is not writable" in _error(result)
+    assert f"{locked} is not writable" in one_error(result)
 
 
 def test_a_model_that_cannot_start_leaves_no_output(tmp_path: Path) -> None:
@@ -266,7 +243,7 @@ def test_a_model_that_cannot_start_leaves_no_output(tmp_path: Path) -> None:
     env = {name: value for name, value in os.environ.items() if not name.startswith("SIBYLQ_")}
     args = ["--model", "llamacpp:nope", "--classify", "spam,ham", "--prompt", PROMPT]
 
-    result = _label(env, str(source), *args, "-o", str(out))
+    result = run_label(env, str(source), *args, "-o", str(out))
 
     assert result.returncode == 2
     assert "no llama.cpp model 'nope'" in result.stderr
@@ -280,17 +257,17 @@ def test_a_model_that_cannot_start_leaves_no_output(tmp_path: Path) -> None:
 def test_one_label_is_refused(env: dict[str, str], tmp_path: Path) -> None:
     source = _write_jsonl(tmp_path / "in.jsonl", _sms(2))
     out = tmp_path / "out.jsonl"
-    result = _label(env, str(source), "--model", "fake", "--classify", "spam",
+    result = run_label(env, str(source), "--model", "fake", "--classify", "spam",
                     "--prompt", PROMPT, "-o", str(out))  # fmt: skip
     assert result.returncode == 2
     assert "--classify needs two labels or more, comma-separated (--classify spam,ham)" in (
-        _error(result)
+        one_error(result)
     )
     assert not out.exists()
 
 
 def test_labels_separated_by_spaces_are_explained_under_the_label_usage(tmp_path: Path) -> None:
-    result = _label(os.environ.copy(), "in.jsonl", "--model", "fake", "--classify", "spam",
+    result = run_label(os.environ.copy(), "in.jsonl", "--model", "fake", "--classify", "spam",
                     "ham", "--prompt", PROMPT, "-o", str(tmp_path / "out.jsonl"))  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("usage: sibylq label ")
@@ -301,7 +278,7 @@ def test_labels_separated_by_spaces_are_explained_under_the_label_usage(tmp_path
 
 
 def test_an_unquoted_prompt_is_explained(tmp_path: Path) -> None:
-    result = _label(os.environ.copy(), "in.jsonl", "--model", "fake", "--classify", "a,b",
+    result = run_label(os.environ.copy(), "in.jsonl", "--model", "fake", "--classify", "a,b",
                     "--prompt", "Is", "this", "{text}", "-o", "out.jsonl")  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith(
@@ -324,10 +301,10 @@ def test_a_failed_rows_attempts_tokens_and_latency_agree_with_its_error(
 ) -> None:
     source = _write_jsonl(tmp_path / "in.jsonl", _sms(2))
     out = tmp_path / "out.jsonl"
-    result = _label(worker_env, str(source), "--model", "openai:stub-invalid", "--classify",
+    result = run_label(worker_env, str(source), "--model", "openai:stub-invalid", "--classify",
                     "spam,ham", "--prompt", PROMPT, "-o", str(out))  # fmt: skip
     assert result.returncode == 1, result.stderr
-    for record in _records(out):
+    for record in read_records(out):
         assert record["status"] == "failed"
         assert record["error"]["type"] == "OutputValidationError"
         assert record["error"]["message"].endswith("(after 3 tries)")  # SIBYLQ_REASK_MAX=2
@@ -346,13 +323,13 @@ def test_no_worker_stops_the_run_with_a_clear_error(
     env = {**worker_env, "SIBYLQ_NO_WORKER_TIMEOUT_S": "1"}
     args = ["--model", "llamacpp:/models/unserved.gguf", "--classify", "spam,ham"]
     try:
-        result = _label(env, str(source), *args, "--prompt", PROMPT, "-o", str(out), timeout=60)
+        result = run_label(env, str(source), *args, "--prompt", PROMPT, "-o", str(out), timeout=60)
     finally:
         admin = redis.Redis.from_url(redis_server.url)
         admin.delete(queue_name("llamacpp", "unserved"))
         admin.close()
     assert result.returncode == 3
-    error = _error(result)
+    error = one_error(result)
     assert "no live worker serves queue 'sibylq.llamacpp.unserved'" in error
     assert "sibylq worker llamacpp:/models/unserved.gguf" in error
     assert f"stopped; no row had finished: {out} was not created" in result.stderr
@@ -364,10 +341,10 @@ def test_a_wait_that_times_out_is_a_failed_row(env: dict[str, str], tmp_path: Pa
     source = _write_jsonl(tmp_path / "in.jsonl", _sms(3))
     out = tmp_path / "out.jsonl"
     slow = {**env, "SIBYLQ_RESULT_TIMEOUT_S": "0.3"}
-    result = _label(slow, str(source), "--model", "fake:delay=2", "--classify", "spam,ham",
+    result = run_label(slow, str(source), "--model", "fake:delay=2", "--classify", "spam,ham",
                     "--prompt", PROMPT, "-o", str(out), timeout=60)  # fmt: skip
     assert result.returncode == 1, result.stderr
-    records = _records(out)
+    records = read_records(out)
     assert sorted(r["key"] for r in records) == [1, 2, 3]
     assert Counter(r["error"]["type"] for r in records) == {"JobTimeoutError": 3}
     assert all("gave no result within 0.3s" in r["error"]["message"] for r in records)
@@ -387,6 +364,6 @@ def test_a_key_given_twice_is_an_error_not_a_copied_answer(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     source = _write_jsonl(tmp_path / "in.jsonl", [*_sms(3), {"id": 2, "text": "another"}])
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(tmp_path / "out.jsonl"))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(tmp_path / "out.jsonl"))
     assert result.returncode == 2
-    assert "line 4 has the same key 2 as line 2: keys must be unique" in _error(result)
+    assert "line 4 has the same key 2 as line 2: keys must be unique" in one_error(result)

@@ -5,40 +5,18 @@ output, the documented exit status, no traceback, and no file left behind for no
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from producer.labeling.manifest import manifest_path
 from tests.conftest import Worker
-
-PROMPT = "Is this SMS spam? {text}"
-SPAM_HAM = ["--model", "fake", "--classify", "spam,ham", "--prompt", PROMPT]
-
-
-def _label(
-    env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "sibylq", "label", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _error(result: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.producer.labeling_cli import PROMPT, SPAM_HAM, one_error, read_records, run_label
 
 
 def _embedded_env() -> dict[str, str]:
@@ -82,10 +60,10 @@ def test_an_input_with_no_row_to_label_is_an_error_and_writes_nothing(
     source.write_text(content)
     out = tmp_path / "out.csv"
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out))
 
     assert result.returncode == 2, result.stderr
-    error = _error(result)
+    error = one_error(result)
     assert error.startswith("sibylq: error: ")
     assert says.format(tmp=tmp_path) in error
     assert sorted(path.name for path in tmp_path.iterdir()) == [name]
@@ -102,11 +80,11 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_id_column(
     source.write_bytes(b'\xef\xbb\xbfid,text\n7,hello\n8,"two\nlines, quoted"\n')
     out = tmp_path / "out.jsonl"
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out))
 
     assert result.returncode == 0, result.stderr
-    assert sorted(r["key"] for r in _records(out)) == ["7", "8"]
-    assert {r["result"] for r in _records(out)} == {"spam"}
+    assert sorted(r["key"] for r in read_records(out)) == ["7", "8"]
+    assert {r["result"] for r in read_records(out)} == {"spam"}
 
 
 def test_a_csv_with_a_byte_order_mark_before_the_template_field(
@@ -115,9 +93,9 @@ def test_a_csv_with_a_byte_order_mark_before_the_template_field(
     source = tmp_path / "in.csv"
     source.write_bytes(b"\xef\xbb\xbftext\nhello\n")
     out = tmp_path / "out.jsonl"
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert [r["status"] for r in _records(out)] == ["done"]
+    assert [r["status"] for r in read_records(out)] == ["done"]
 
 
 def test_a_jsonl_with_a_byte_order_mark_labels_its_first_row(
@@ -126,9 +104,9 @@ def test_a_jsonl_with_a_byte_order_mark_labels_its_first_row(
     source = tmp_path / "in.jsonl"
     source.write_bytes(b'\xef\xbb\xbf{"id": 1, "text": "hi"}\n{"id": 2, "text": "win"}\n')
     out = tmp_path / "out.jsonl"
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert sorted((r["key"], r["status"]) for r in _records(out)) == [(1, "done"), (2, "done")]
+    assert sorted((r["key"], r["status"]) for r in read_records(out)) == [(1, "done"), (2, "done")]
 
 
 # -- a row whose template field is null ---------------------------------------------------------
@@ -141,10 +119,10 @@ def test_a_null_template_field_is_a_failed_row_not_a_prompt_about_none(
     source.write_text('{"id": 1, "text": "hi"}\n{"id": 2, "text": null}\n')
     out = tmp_path / "out.jsonl"
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out))
 
     assert result.returncode == 1, result.stderr
-    failed = {r["key"]: r for r in _records(out) if r["status"] == "failed"}
+    failed = {r["key"]: r for r in read_records(out) if r["status"] == "failed"}
     assert list(failed) == [2]
     assert failed[2]["error"] == {
         "type": "InvalidRow",
@@ -163,11 +141,11 @@ def test_a_dangling_link_as_output_is_one_error_line(env: dict[str, str], tmp_pa
     link = tmp_path / "out.jsonl"
     link.symlink_to(tmp_path / "missing" / "target.jsonl")
 
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(link))
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(link))
 
     assert result.returncode == 2
     assert f"-o {link} is a link to {tmp_path}/missing/target.jsonl, whose directory" in (
-        _error(result)
+        one_error(result)
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
 
@@ -182,14 +160,15 @@ def test_a_link_as_output_stays_a_link_through_retry_failed(
     link = tmp_path / "labels.jsonl"
     link.symlink_to(target)
     args = [str(source), *SPAM_HAM, "-o", str(link)]
-    assert _label(env, *args).returncode == 1
+    assert run_label(env, *args).returncode == 1
     source.write_text('{"id": 1, "text": "hi"}\n{"id": 2, "text": "fixed"}\n')
 
-    result = _label(env, *args, "--retry-failed")
+    result = run_label(env, *args, "--retry-failed")
 
     assert result.returncode == 0, result.stderr
     assert link.is_symlink() and link.resolve() == target
-    assert sorted((r["key"], r["status"]) for r in _records(target)) == [(1, "done"), (2, "done")]
+    rows = read_records(target)
+    assert sorted((r["key"], r["status"]) for r in rows) == [(1, "done"), (2, "done")]
     assert manifest_path(target).exists() and not manifest_path(link).exists()
 
 
@@ -202,10 +181,10 @@ def test_retry_failed_with_no_output_yet_labels_every_row(
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "text": "hi"}\n{"id": 2, "text": "win"}\n')
     out = tmp_path / "out.jsonl"
-    result = _label(env, str(source), *SPAM_HAM, "-o", str(out), "--retry-failed")
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(out), "--retry-failed")
     assert result.returncode == 0, result.stderr
     assert "done 2, failed 0, skipped 0" in result.stderr
-    assert sorted(r["key"] for r in _records(out)) == [1, 2]
+    assert sorted(r["key"] for r in read_records(out)) == [1, 2]
 
 
 # -- Ctrl-C in the first second, on the embedded cluster ------------------------------------
@@ -241,9 +220,9 @@ def test_a_repeated_key_on_the_embedded_cluster_is_one_error_line(tmp_path: Path
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
     out = tmp_path / "out.jsonl"
-    result = _label(_embedded_env(), str(source), *SPAM_HAM, "-o", str(out))
+    result = run_label(_embedded_env(), str(source), *SPAM_HAM, "-o", str(out))
     assert result.returncode == 2
-    assert "line 2 has the same key 1 as line 1: keys must be unique" in _error(result)
+    assert "line 2 has the same key 1 as line 1: keys must be unique" in one_error(result)
     assert "Exception in thread" not in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
 
@@ -268,4 +247,4 @@ def test_ctrl_c_while_the_embedded_cluster_stops_changes_nothing(tmp_path: Path)
 
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert sorted(r["key"] for r in _records(out)) == [1, 2, 3]
+    assert sorted(r["key"] for r in read_records(out)) == [1, 2, 3]
