@@ -86,15 +86,17 @@ class ChoiceObserver:
     def __init__(self, llm: Llama, probe: ChoiceProbe) -> None:
         self._llm = llm
         self.probe = probe
-        self._prompt_len: int | None = None
+        self._read: int | None = None  # tokens of ``input_ids`` already in ``_output``
+        self._output = b""  # the answer so far, grown by each new token's piece
 
     def __call__(
         self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
     ) -> npt.NDArray[np.single]:
-        if self._prompt_len is None:
-            self._prompt_len = len(input_ids)
-        output = [int(t) for t in input_ids[self._prompt_len :]]
-        text = self._llm.detokenize(output).decode("utf-8", errors="ignore")
+        if self._read is None:  # the first step: ``input_ids`` is the prompt
+            self._read = len(input_ids)
+        self._output += self._llm.detokenize([int(t) for t in input_ids[self._read :]])
+        self._read = len(input_ids)
+        text = self._output.decode("utf-8", errors="ignore")
         if self.probe.wants(text):
             self.probe.observe(text, choice_candidates(self._llm, scores, self.probe))
         return scores
