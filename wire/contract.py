@@ -171,6 +171,17 @@ def field_errors(exc: ValidationError) -> str:
 PRODUCER_ONLY_GENCONF = ("format", "json_schema", "special")
 #: JobSpec fields added after the first contract: sent only when set.
 ADDED_SPEC_FIELDS = ("ctx_len", "max_tokens_limit")
+#: Envelope fields added after the first contract: stored only when set.
+ADDED_ENVELOPE_FIELDS = ("label_probs",)
+
+
+def _without_unset(data: dict[str, Any], added: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` less the ``added`` fields that are None: what a reader of an earlier release,
+    which refuses fields it does not know, can still decode."""
+    for name in added:
+        if data[name] is None:
+            del data[name]
+    return data
 
 
 class JobKind(StrEnum):
@@ -209,10 +220,7 @@ class JobSpec(_Frozen):
         a worker of an earlier release still decodes the job (and refuses one that uses
         them, instead of ignoring what it does not know)."""
         data = self.model_dump(mode="json", exclude={"genconf": set(PRODUCER_ONLY_GENCONF)})
-        for name in ADDED_SPEC_FIELDS:
-            if data[name] is None:
-                del data[name]
-        return data
+        return _without_unset(data, ADDED_SPEC_FIELDS)
 
     @classmethod
     def decode(cls, data: object) -> JobSpec:
@@ -289,15 +297,11 @@ class Envelope(_Frozen):
     label_probs: dict[str, float] | None = None
 
     def encode(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude=_unset_added(self))
+        return _without_unset(self.model_dump(mode="json"), ADDED_ENVELOPE_FIELDS)
 
     @classmethod
     def decode(cls, data: object) -> Envelope:
         return decode_model(cls, data)
-
-
-def _unset_added(envelope: Envelope) -> set[str]:
-    return {"label_probs"} if envelope.label_probs is None else set()
 
 
 class Failure(_Frozen):

@@ -77,12 +77,9 @@ class MalformedError(ValueError):
 
 def screen(entry: bytes | str) -> Refusal | None:
     """None when ``entry`` is a message sibylq's workers can run, else why not."""
-    try:
-        message = json.loads(entry)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return Refusal("the entry is not UTF-8 JSON", None)
-    if not isinstance(message, dict):
-        return Refusal("the entry is not a JSON object", None)
+    message = _json_object(entry)
+    if isinstance(message, Refusal):
+        return message
     try:
         _check_envelope(message)
         _check_headers(message.get("headers"))
@@ -96,17 +93,28 @@ def screen_reply(entry: bytes | str) -> Refusal | None:
     """None when ``entry`` is a kombu message whose body is JSON: what Celery's
     remote-control replies (``celery inspect``, a plain worker's mingle) are. They are no
     jobs, so only their shape is checked, enough for kombu to decode them."""
+    message = _json_object(entry)
+    if isinstance(message, Refusal):
+        return message
     try:
-        message = json.loads(entry)
-        if not isinstance(message, dict):
-            return Refusal("the entry is not a JSON object", None)
         _check_envelope(message)
         json.loads(base64.b64decode(message["body"], validate=True))
     except MalformedError as exc:
         return Refusal(str(exc), None)
     except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError too
-        return Refusal("the entry is not a kombu message with a JSON body", None)
+        return Refusal("the reply's body is not base64-encoded JSON", None)
     return None
+
+
+def _json_object(entry: bytes | str) -> dict[str, Any] | Refusal:
+    """The entry decoded, or why it cannot be: not UTF-8 JSON, or not an object."""
+    try:
+        message = json.loads(entry)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return Refusal("the entry is not UTF-8 JSON", None)
+    if not isinstance(message, dict):
+        return Refusal("the entry is not a JSON object", None)
+    return message
 
 
 def _check_envelope(message: dict[str, Any]) -> None:
