@@ -18,6 +18,7 @@ import redis
 from embedded.redis_server import RedisServer, free_port
 from producer import Client, Settings
 from tests.dead_letters import without_dead_letters
+from tests.faults import FaultyProxy
 from tests.openai_stub import OpenAIStub
 from wire.constants import queue_name, workers_key
 
@@ -158,6 +159,14 @@ def start_worker(
 def dead_letters(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """The result Redis, with no dead letter recorded before or after the test."""
     yield from without_dead_letters(redis_server.url)
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[FaultyProxy]:
+    """A fault-injecting TCP proxy (``tests.faults``) in front of the session's Redis: give a
+    component ``proxy.url()`` and the faults reach it alone."""
+    with FaultyProxy(redis_server.port) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")

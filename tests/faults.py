@@ -9,7 +9,9 @@ Redis, and a ``redis-server`` that restarts for real.
   own timeouts);
 - ``reset()``: close every open connection with an RST (``SO_LINGER`` 0);
 - ``refuse()``: reset open connections and refuse new ones (a restart on the far side);
-- ``heal()``: back to forwarding.
+- ``go_stale()``: drop, forever, whatever either side sends on the connections open now, and
+  tell nobody, while new connections pass (a NAT or firewall that lost their state);
+- ``heal()``: back to forwarding (connections gone stale stay so).
 
 Give a component ``proxy.url`` instead of the server's URL and the fault reaches that component
 alone: the others keep talking to Redis directly.
@@ -31,7 +33,8 @@ _CHUNK = 65536
 
 
 class FaultyProxy:
-    """A TCP proxy on 127.0.0.1 whose connections can be delayed, blackholed, reset or refused."""
+    """A TCP proxy on 127.0.0.1 whose connections can be delayed, blackholed, reset, refused
+    or silenced."""
 
     def __init__(self, upstream_port: int, *, upstream_host: str = "127.0.0.1") -> None:
         self.upstream = (upstream_host, upstream_port)
@@ -40,6 +43,7 @@ class FaultyProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._held: list[socket.socket] = []  # accepted while blackholed: never answered
+        self._stale: set[socket.socket] = set()  # what is sent to these is dropped (go_stale)
         self._mode = "pass"
         self._delay_s = 0.0
         self._closing = threading.Event()
@@ -73,6 +77,14 @@ class FaultyProxy:
         with self._lock:
             self._mode = "refuse"
         return self.reset()
+
+    def go_stale(self) -> int:
+        """Silence every connection open now: nothing sent on them arrives, no RST, no FIN.
+        Returns how many."""
+        with self._lock:
+            for pair in self._pairs:
+                self._stale.update(pair)
+            return len(self._pairs)
 
     def heal(self) -> None:
         with self._lock:
@@ -141,6 +153,8 @@ class FaultyProxy:
         while True:
             with self._lock:
                 mode, delay_s = self._mode, self._delay_s
+                if sink in self._stale:
+                    return True  # swallowed: no answer, no RST, no FIN
             if mode == "pass":
                 break
             if mode == "refuse" or self._closing.is_set():

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from embedded.redis_server import RedisServer
 from tests.faults import FaultyProxy, restart
-
-
-@pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[FaultyProxy]:
-    with FaultyProxy(redis_server.port) as proxy:
-        yield proxy
 
 
 def _client(proxy: FaultyProxy, timeout_s: float = 1.0) -> redis.Redis:
@@ -43,6 +36,15 @@ def test_a_blackhole_answers_nothing_and_sends_no_reset(proxy: FaultyProxy) -> N
         fresh.ping()
     proxy.heal()
     assert _client(proxy).ping()
+
+
+def test_stale_connections_answer_nothing_while_new_ones_pass(proxy: FaultyProxy) -> None:
+    client = _client(proxy, timeout_s=0.5)
+    assert client.ping()
+    assert proxy.go_stale() == 1
+    with pytest.raises(redis.TimeoutError):  # silence: no reset, no close
+        client.ping()
+    assert _client(proxy).ping()  # a new connection gets through
 
 
 def test_reset_and_refuse_break_connections_at_once(proxy: FaultyProxy) -> None:

@@ -9,7 +9,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,6 @@ from wire.constants import attempts_key, queue_list_key, queue_name
 from wire.contract import JobKind, JobSpec, Message
 
 FAKE = queue_name("fake")
-
-
-@pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[FaultyProxy]:
-    with FaultyProxy(redis_server.port) as proxy:
-        yield proxy
 
 
 def _client(url: str, budget_s: float = 20.0) -> Client:

@@ -25,12 +25,6 @@ DEFAULT_BUDGET_S: float = Settings.model_fields["broker_timeout_s"].default
 
 
 @pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[FaultyProxy]:
-    with FaultyProxy(redis_server.port) as proxy:
-        yield proxy
-
-
-@pytest.fixture
 def producer(proxy: FaultyProxy) -> Iterator[Client]:
     settings = Settings(
         broker_url=proxy.url(),

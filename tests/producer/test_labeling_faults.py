@@ -10,33 +10,22 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from embedded.redis_server import RedisServer
 from producer import Client, Models, Settings
 from producer.labeling import label_file, make_task
 from producer.labeling.progress import NoProgress
 from tests.conftest import HEARTBEAT_S, Worker
-from tests.producer.test_stale_connections import StaleProxy
+from tests.faults import FaultyProxy
 
 ROWS = 60
 
 
-@pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[StaleProxy]:
-    proxy = StaleProxy(redis_server.port)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
-
-
 @pytest.mark.parametrize("fault", ["refuse", "blackhole", "go_stale"])
 async def test_a_labeling_run_rides_out_a_cut_of_its_connections(
-    proxy: StaleProxy, fake_worker: Worker, tmp_path: Path, fault: str
+    proxy: FaultyProxy, fake_worker: Worker, tmp_path: Path, fault: str
 ) -> None:
     client = Client(
         Settings(

@@ -9,10 +9,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from benchmarks.loop_lag import LagProbe
@@ -23,12 +21,6 @@ from tests.faults import FaultyProxy
 from wire.constants import attempts_key
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[FaultyProxy]:
-    with FaultyProxy(redis_server.port) as proxy:
-        yield proxy
 
 
 async def test_the_loop_keeps_ticking_while_a_slow_redis_holds_the_enqueues(
