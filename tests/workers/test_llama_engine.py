@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
+import llama_cpp
 import pytest
 
 from producer.targets import classify_target
@@ -161,6 +162,32 @@ def test_a_revoked_job_ends_midway_and_frees_its_sequence(batching: LlamaCppBack
         doomed.result(timeout=30)
     assert time.monotonic() - started < 30  # long before 2000 tokens
     wait_for("the revoked job's sequence to be free", lambda: engine_of(batching).active() == 0)
+
+
+def test_each_step_lists_its_sequences_in_id_order(
+    batching: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp splits a batch over per-sequence KV streams into ubatches of sequences whose
+    ids follow each other in batch order, each ubatch one more pass over the weights: jobs
+    that finish and are replaced out of order must not turn one step into several."""
+    steps: list[list[int]] = []
+    decode = llama_cpp.llama_decode
+
+    def recording(ctx: Any, batch: Any) -> int:
+        steps.append([batch.seq_id[index][0] for index in range(batch.n_tokens)])
+        result: int = decode(ctx, batch)
+        return result
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    # Lengths that end the sequences out of the order they started in, so freed ids are
+    # taken again while lower and higher ones still run.
+    jobs = [
+        request(f"Count from {n} to 100 in words.", max_tokens=(3, 17, 9, 25)[n % 4])
+        for n in range(3 * SEQUENCES)
+    ]
+    assert all(future.result(timeout=120).text for future in at_once(batching, jobs))
+    assert any(len(set(step)) == SEQUENCES for step in steps)
+    assert all(step == sorted(step) for step in steps)
 
 
 def test_a_seeded_sampled_job_repeats_itself(batching: LlamaCppBackend) -> None:

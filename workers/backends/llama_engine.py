@@ -211,22 +211,30 @@ class LlamaEngine:
     def _fill_batch(self) -> list[tuple[int, int]]:
         """Put each sequence's pending tokens in the batch (running sequences first, one token
         each, then prompt chunks while room is left); the (sequence, batch index) pairs whose
-        logits are to be sampled."""
+        logits are to be sampled.
+
+        The tokens go in in sequence-id order: llama.cpp splits a batch over per-sequence KV
+        streams into ubatches of sequences whose ids follow each other in batch order
+        (``split_equal``, sequential), and each ubatch is one more pass over the weights. In
+        admission order, one token of each of 8 sequences took up to 8 passes instead of one."""
+        room, planned = N_BATCH, {}
+        for _, sequence in sorted(self._active.values(), key=lambda entry: entry[1].prefilling):
+            planned[sequence.seq_id] = (sequence, sequence.pending_tokens()[:room])
+            room -= len(planned[sequence.seq_id][1])
         batch, count, sampled = self._batch, 0, []
-        order = sorted(self._active.values(), key=lambda entry: entry[1].prefilling)
-        for _, sequence in order:
-            tokens = sequence.pending_tokens()[: N_BATCH - count]
+        for seq_id in sorted(planned):
+            sequence, tokens = planned[seq_id]
             for offset, token in enumerate(tokens):
                 batch.token[count] = token
                 batch.pos[count] = sequence.fed + offset
                 batch.n_seq_id[count] = 1
-                batch.seq_id[count][0] = sequence.seq_id
+                batch.seq_id[count][0] = seq_id
                 batch.logits[count] = False
                 count += 1
             sequence.fed += len(tokens)
             if tokens and not sequence.prefilling:
                 batch.logits[count - 1] = True
-                sampled.append((sequence.seq_id, count - 1))
+                sampled.append((seq_id, count - 1))
         batch.n_tokens = count
         return sampled
 
