@@ -21,8 +21,9 @@ from wire.errors import InvalidRequestError
 from ..models import Model
 from ..pricing import price_for
 from ..targets import Target, classify_target, json_target, target_for
+from .lock import output_lock
 from .manifest import Manifest
-from .output import OutputFile, OutputFormat, Reuse
+from .output import OutputFile, OutputFormat, Reuse, check_writable
 from .progress import Progress, Summary
 from .prompt import PromptTemplate
 from .results import LabelResult
@@ -120,35 +121,38 @@ async def label_file(
     Everything that can be checked before work starts is (InvalidRequestError): the input,
     the output's directory, that the output's rows were made by this same command
     (``OUT.manifest.json``), and the first row's fields against the template and
-    ``id_field``. Nothing is written before the first row's result."""
+    ``id_field``. Nothing is written before the first row's result but ``OUT.lock``, which
+    keeps a second run off the output while this one runs (``lock.py``)."""
     _check_input(input_path, output_path)
     output_path = _followed(output_path)
-    output_format = OutputFormat.for_path(output_path)
-    output = OutputFile(output_path, Manifest.for_run(task, output_format, id_field), reuse)
-    previous = output.previous()
-    needs = task.template.fields
-    rows = head_read(read_rows(input_path, id_field=id_field, needs=needs), input_path)
-    summary = Summary(price=price_for(task.model.ref, task.model.client.connect()))
-    results = label_rows(
-        task,
-        rows,
-        previous=previous,
-        retry_failed=reuse is Reuse.RETRY_FAILED,
-        max_in_flight=max_in_flight,
-        ordered=ordered,
-    )
-    try:
-        async with contextlib.aclosing(results):  # stops the waits at once on an error
-            async for result in results:
-                if isinstance(result, LabelResult):
-                    output.write(result)
-                summary.add(result)
-                progress.update(summary)
-        output.finish()
-    finally:
-        output.close()
-        progress.close()
-    return summary
+    check_writable(output_path)
+    with output_lock(output_path):
+        output_format = OutputFormat.for_path(output_path)
+        output = OutputFile(output_path, Manifest.for_run(task, output_format, id_field), reuse)
+        previous = output.previous()
+        needs = task.template.fields
+        rows = head_read(read_rows(input_path, id_field=id_field, needs=needs), input_path)
+        summary = Summary(price=price_for(task.model.ref, task.model.client.connect()))
+        results = label_rows(
+            task,
+            rows,
+            previous=previous,
+            retry_failed=reuse is Reuse.RETRY_FAILED,
+            max_in_flight=max_in_flight,
+            ordered=ordered,
+        )
+        try:
+            async with contextlib.aclosing(results):  # stops the waits at once on an error
+                async for result in results:
+                    if isinstance(result, LabelResult):
+                        output.write(result)
+                    summary.add(result)
+                    progress.update(summary)
+            output.finish()
+        finally:
+            output.close()
+            progress.close()
+        return summary
 
 
 def _check_input(input_path: Path, output_path: Path) -> None:
