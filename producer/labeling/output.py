@@ -90,8 +90,8 @@ class OutputFile:
 
     def previous(self) -> Previous:
         """The rows this run must not label again. Raises InvalidRequestError when the file
-        holds rows of another command (or of no known command)."""
-        check_writable(self.path)
+        holds rows of another command (or of no known command). The caller has checked that
+        the path is writable (``check_writable``: before it takes the output's lock)."""
         if self.reuse is Reuse.OVERWRITE or not self._holds_data():
             return Previous()
         before = Manifest.load(self.path)

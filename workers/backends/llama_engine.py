@@ -219,8 +219,9 @@ class LlamaEngine:
         admission order, one token of each of 8 sequences took up to 8 passes instead of one."""
         room, planned = N_BATCH, {}
         for _, sequence in sorted(self._active.values(), key=lambda entry: entry[1].prefilling):
-            planned[sequence.seq_id] = (sequence, sequence.pending_tokens()[:room])
-            room -= len(planned[sequence.seq_id][1])
+            tokens = sequence.pending_tokens()[:room]
+            planned[sequence.seq_id] = (sequence, tokens)
+            room -= len(tokens)
         batch, count, sampled = self._batch, 0, []
         for seq_id in sorted(planned):
             sequence, tokens = planned[seq_id]
