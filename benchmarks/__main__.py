@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -69,8 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown benchmark(s) {unknown}; choose from {list(registry)}", file=sys.stderr)
         return 2
     os.environ.update(BENCH_ENV)  # this process is a producer too: no answer cache
+    # Stopped by `timeout` or kill: unwind, so that the workers and Redis it started (each in
+    # a session of its own) are stopped too, not left running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.out is None:
         args.out = DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT
+    args.out.mkdir(parents=True, exist_ok=True)  # the summary is written even if all failed
     started = time.monotonic()
     results: list[Result] = []
     failed: list[str] = []
@@ -85,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     total_s = time.monotonic() - started
     _summarize(results, failed, args, total_s)
     return 1 if failed else 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _scratch(keep: bool) -> contextlib.AbstractContextManager[str]:
