@@ -9,13 +9,14 @@ the machine's noise falls on all; figures are medians of the block rates:
   row with the same messages (the backend's own schema instruction), the same grammar (from
   the same JSON schema) and the same settings (``n_ctx``, threads, ``GenConf`` defaults);
 - ``sibylq worker llamacpp:smollm2`` at ``SIBYLQ_LLAMA_BATCH=1`` (prefork, one job a process);
-- the same worker at ``SIBYLQ_LLAMA_BATCH=8`` (one process, a threads pool feeding the continuous
-  batching engine), ``*_async`` for a block of rows at once;
+- the same worker at ``SIBYLQ_LLAMA_BATCH=8`` (or ``SIBYLQ_BENCH_LLAMA_BATCH``: one process, a
+  threads pool feeding the continuous batching engine), ``*_async`` for a block of rows at once;
 - when ``SIBYLQ_BENCH_LLAMA_SERVER`` names a ``llama-server`` binary (llama.cpp's own server,
   built from the llama.cpp vendored in llama-cpp-python's sdist: see docs/benchmarks.md),
-  that server with 4 and with 8 parallel slots, fed as many requests at a time as it has
-  slots, on its ``/completion`` endpoint: the direct loop's prompt, to the token, and the
-  same grammar (GBNF from the same JSON schema), greedy, the same ``max_tokens``.
+  that server with half as many and as many parallel slots as the batched worker's sequences
+  (4 and 8), fed as many requests at a time as it has slots, on its ``/completion`` endpoint:
+  the direct loop's prompt, to the token, and the same grammar (GBNF from the same JSON
+  schema), greedy, the same ``max_tokens``.
 
 Each side reports rows/s, completion tokens/s, the share of schema-valid answers, and (greedy
 decoding) how many answers equal the direct loop's, token for token.
@@ -49,11 +50,12 @@ LABELS = ["spam", "ham"]
 PROMPT = "Is this SMS spam? {text}"
 EXTRACT_PROMPT = "List three words from this SMS: {text}"
 MODEL = "llamacpp:smollm2"
-#: The batched worker's sequences (``SIBYLQ_LLAMA_BATCH``).
-BATCH = 8
+#: The batched worker's sequences (``SIBYLQ_LLAMA_BATCH``): 8, or ``SIBYLQ_BENCH_LLAMA_BATCH``
+#: (a GPU takes more sequences a step for the price of one).
+BATCH = int(os.environ.get("SIBYLQ_BENCH_LLAMA_BATCH", "8"))
 #: llama.cpp's own server as a further baseline, when a binary is given, at these slots.
 LLAMA_SERVER = os.environ.get("SIBYLQ_BENCH_LLAMA_SERVER")
-SERVER_SLOTS = (4, 8)
+SERVER_SLOTS = (max(1, BATCH // 2), BATCH)
 #: The step sizes whose llama_decode cost per token is measured (the bound on batching).
 DECODE_SIZES = (1, 4, 8, 16)
 #: sibylq's two workers: one job a process, and the batching engine.
@@ -175,7 +177,7 @@ class LlamaServer:
         command = [
             binary, "-m", llm.model_path, "--host", "127.0.0.1", "--port", str(port),
             "-np", str(slots), "-c", str(slots * llm.n_ctx()), "-t", str(llm.n_threads),
-            "-tb", str(llm.n_threads), "-ngl", str(settings.llama_n_gpu_layers),
+            "-tb", str(llm.n_threads), "-ngl", _server_gpu_layers(settings.llama_n_gpu_layers),
         ]  # fmt: skip
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -217,6 +219,11 @@ class LlamaServer:
     def close(self) -> None:
         self._process.terminate()
         self._process.wait(timeout=30)
+
+
+def _server_gpu_layers(layers: int) -> str:
+    """sibylq's ``-1`` (every layer) in llama-server's words (there ``-1`` means "auto")."""
+    return "all" if layers < 0 else str(layers)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
