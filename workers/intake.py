@@ -50,11 +50,12 @@ _TEXT_HEADERS = ("id", "task", "root_id", "parent_id", "group", "shadow", "argsr
 #: callbacks would let a message make the worker send others).
 _ABSENT_EMBED = ("callbacks", "errbacks", "chain", "chord")
 _MAX_ID_LENGTH = 255
-#: How deep a body's arrays and objects may nest. A prefork worker's main process pickles a
-#: job's arguments to hand them to a pool process, and pickling recurses: near 500 levels it
-#: raises RecursionError there ("Unrecoverable error"; the warm shutdown puts the message
-#: back for the next worker); pydantic cannot serialize a job past ~250 levels either. Jobs
-#: sibylq sends nest far less.
+#: How deep a message's arrays and objects may nest (its body, headers and properties). A
+#: prefork worker's main process pickles a job's arguments, headers and properties to hand
+#: them to a pool process, and pickling recurses: near 500 levels it raises RecursionError
+#: there ("Unrecoverable error"; the warm shutdown puts the message back for the next
+#: worker); pydantic cannot serialize a job past ~250 levels either. Jobs sibylq sends nest
+#: far less.
 MAX_NESTING = 200
 _LOGGED_BYTES = 2048
 #: Celery's remote-control replies (``celery inspect``, a plain ``celery worker``'s mingle)
@@ -81,6 +82,8 @@ def screen(entry: bytes | str) -> Refusal | None:
     if isinstance(message, Refusal):
         return message
     try:
+        # Celery hands the headers and properties, as they are, to a prefork pool process.
+        _check_nesting(entry, message, "the headers or properties nest")
         _check_envelope(message)
         _check_headers(message.get("headers"))
         _check_body(message["body"])
@@ -123,8 +126,12 @@ def _check_envelope(message: dict[str, Any]) -> None:
         raise MalformedError("the entry has no properties with a delivery tag")
     if properties.get("body_encoding") != "base64":
         raise MalformedError("the body is not base64-encoded")
-    if not isinstance(properties.get("delivery_info", {}), dict):
-        raise MalformedError("the delivery info is not an object")
+    delivery = properties.get("delivery_info")
+    if not isinstance(delivery, dict) or not _strings(delivery, ("exchange", "routing_key")):
+        # kombu reads both to acknowledge the entry or put it back
+        raise MalformedError("the delivery info has no exchange and routing key")
+    if not _strings(properties, ("correlation_id", "reply_to"), optional=True):
+        raise MalformedError("the correlation id and reply-to must be strings")
     if not isinstance(properties.get("priority", 0), int | None):
         raise MalformedError("the priority is not an integer")
     if message.get("content-type") != "application/json":
@@ -144,7 +151,7 @@ def _check_headers(headers: Any) -> None:
         raise MalformedError(f"task {headers.get('task')!r} is not {TASK_NAME!r}")
     if _valid_id(headers.get("id")) is None:
         raise MalformedError("the message names no job id")
-    if any(not isinstance(headers.get(name), str | None) for name in _TEXT_HEADERS):
+    if not _strings(headers, _TEXT_HEADERS, optional=True):
         raise MalformedError(f"headers {', '.join(_TEXT_HEADERS)} must be strings")
     if headers.get("eta") is not None or headers.get("expires") is not None:
         raise MalformedError("sibylq jobs have no ETA and no expiry")
@@ -162,10 +169,7 @@ def _check_body(body: str) -> None:
         content = json.loads(decoded)
     except (ValueError, RecursionError):
         raise MalformedError("the body is not JSON") from None
-    # Nesting needs as many brackets: counting them is cheap, walking the body is not.
-    brackets = decoded.count("[") + decoded.count("{")
-    if brackets > MAX_NESTING and _nests_deeper(content, MAX_NESTING):
-        raise MalformedError(f"the body nests more than {MAX_NESTING} levels deep")
+    _check_nesting(decoded, content, "the body nests")
     if not (isinstance(content, list) and len(content) == 3):
         raise MalformedError("the body is not Celery's [args, kwargs, embed]")
     args, kwargs, embed = content
@@ -179,6 +183,23 @@ def _check_body(body: str) -> None:
         raise MalformedError("the progress carried from earlier attempts is not valid") from None
     if not isinstance(embed, dict) or any(embed.get(name) for name in _ABSENT_EMBED):
         raise MalformedError("the message asks for callbacks, a chain or a chord")
+
+
+def _strings(fields: dict[str, Any], names: tuple[str, ...], optional: bool = False) -> bool:
+    """Whether each of ``names`` in ``fields`` is a string (or absent or null, if optional)."""
+    allowed = (str, type(None)) if optional else (str,)
+    return all(isinstance(fields.get(name), allowed) for name in names)
+
+
+def _check_nesting(text: bytes | str, value: Any, what: str) -> None:
+    """``value`` (decoded from ``text``) nests at most ``MAX_NESTING`` levels; ``what`` names
+    it, with its verb."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    # Nesting needs as many brackets: counting them is cheap, walking the value is not.
+    brackets = text.count("[") + text.count("{")
+    if brackets > MAX_NESTING and _nests_deeper(value, MAX_NESTING):
+        raise MalformedError(f"{what} more than {MAX_NESTING} levels deep")
 
 
 def _nests_deeper(value: Any, limit: int) -> bool:

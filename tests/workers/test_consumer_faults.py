@@ -186,12 +186,10 @@ def renamed(message: dict[str, Any], job_id: str) -> dict[str, Any]:
     if "headers" in message:
         renamed["headers"] = {**message["headers"], "id": job_id, "root_id": job_id}
     if "properties" in message:
-        delivery_info = {**message["properties"]["delivery_info"], "routing_key": QUEUE}
-        renamed["properties"] = {
-            **message["properties"],
-            "correlation_id": job_id,
-            "delivery_info": delivery_info,
-        }
+        renamed["properties"] = {**message["properties"], "correlation_id": job_id}
+        delivery_info = message["properties"].get("delivery_info")
+        if isinstance(delivery_info, dict) and "routing_key" in delivery_info:
+            renamed["properties"]["delivery_info"] = {**delivery_info, "routing_key": QUEUE}
     return renamed
 
 
@@ -216,8 +214,28 @@ def hostile_entries(message: dict[str, Any]) -> dict[str, tuple[bytes, bool]]:
         "headers": {k: v for k, v in message["headers"].items() if k != "id"},
         "properties": {k: v for k, v in message["properties"].items() if k != "correlation_id"},
     }
+    properties = message["properties"]
+    deep: Any = "leaf"
+    for _ in range(600):
+        deep = [deep]
     return {
         "a JSON object for a body": (entry(with_body(message, b'{"a": 1}')), True),
+        "no delivery info": (
+            entry({**message, "properties": {**properties, "delivery_info": None}}),
+            True,
+        ),
+        "a delivery info without a routing key": (
+            entry({**message, "properties": {**properties, "delivery_info": {"exchange": ""}}}),
+            True,
+        ),
+        "a header nested 600 deep": (
+            entry({**message, "headers": {**message["headers"], "x": deep}}),
+            True,
+        ),
+        "a property nested 600 deep": (
+            entry({**message, "properties": {**properties, "x": deep}}),
+            True,
+        ),
         "a body that is not JSON": (entry(with_body(message, b"not json{")), True),
         "no body": (entry({k: v for k, v in message.items() if k != "body"}), True),
         "invalid UTF-8 in the body": (

@@ -65,6 +65,12 @@ def with_body(message: dict[str, Any], body: Any) -> dict[str, Any]:
     return {**message, "body": base64.b64encode(raw).decode()}
 
 
+def with_properties(message: dict[str, Any], **changed: Any) -> dict[str, Any]:
+    """``message`` with properties changed (None: removed)."""
+    properties = {**message["properties"], **changed}
+    return {**message, "properties": {k: v for k, v in properties.items() if v is not None}}
+
+
 def body_of(message: dict[str, Any]) -> Any:
     return json.loads(base64.b64decode(message["body"]))
 
@@ -130,6 +136,11 @@ class TestWhatIsRefused:
             (lambda m: with_body(m, [[{}], {"carry": {"calls": "many"}}, {}]), "progress"),
             (lambda m: with_body(m, [[{}], {}, {"callbacks": [{}]}]), "callbacks"),
             (lambda m: with_body(m, [[{"deep": nested(MAX_NESTING)}], {}, {}]), "levels deep"),
+            (lambda m: with_properties(m, delivery_info=None), "no exchange and routing key"),
+            (lambda m: with_properties(m, delivery_info={"exchange": ""}), "no exchange and"),
+            (lambda m: with_properties(m, correlation_id=[1]), "correlation id"),
+            (lambda m: {**m, "headers": {**m["headers"], "x": nested(MAX_NESTING)}}, "nest more"),
+            (lambda m: with_properties(m, x={"deep": nested(MAX_NESTING)}), "nest more"),
         ],
     )
     def test_a_broken_message_names_its_job(
