@@ -434,9 +434,13 @@ def _say(message: str) -> None:
 
 
 def _count_lines(path: Path) -> int | None:
-    """Rows in the input, for the progress bar's ETA (CSV: minus the header)."""
-    with path.open("rb") as raw:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: raw.read(1 << 20), b""))
+    """Rows in the input, for the progress bar's ETA (CSV: minus the header); None when it
+    cannot be read (the run says why)."""
+    try:
+        with path.open("rb") as raw:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: raw.read(1 << 20), b""))
+    except OSError:
+        return None
     return max(lines - 1, 0) if path.suffix.lower() == ".csv" else lines
 
 

@@ -158,6 +158,10 @@ async def label_file(
 def _check_input(input_path: Path, output_path: Path) -> None:
     if not input_path.is_file():
         raise InvalidRequestError(f"no input file {input_path}")
+    try:
+        input_path.open("rb").close()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read input file {input_path}: {exc.strerror}") from exc
     if output_path.exists() and output_path.samefile(input_path):
         raise InvalidRequestError(f"-o {output_path} is the input file: name another output")
 
@@ -207,7 +211,7 @@ def load_extract_spec(spec: str) -> Any:
     if path.suffix == ".json" or path.is_file():
         try:
             return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError
             raise InvalidRequestError(f"cannot read JSON schema {spec}: {exc}") from exc
     module_name, _, attribute = spec.partition(":")
     if not attribute:
@@ -224,7 +228,11 @@ def load_labels(spec: str) -> list[str]:
     """``--classify``: ``spam,ham`` or a file with one label per line."""
     path = Path(spec)
     if path.is_file():
-        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError
+            raise InvalidRequestError(f"cannot read labels file {spec}: {exc}") from exc
+        labels = [line.strip() for line in lines if line.strip()]
     else:
         labels = [label.strip() for label in spec.split(",")]
     if len(set(labels)) < 2:

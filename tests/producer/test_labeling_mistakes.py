@@ -286,6 +286,58 @@ def test_an_unquoted_prompt_is_explained(tmp_path: Path) -> None:
     )
 
 
+def test_a_template_that_cannot_format_a_rows_values_fails_that_row(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("id,price\n1,3.5\n2,4\n")  # CSV values are text: no :.2f
+    out = tmp_path / "out.jsonl"
+
+    result = run_label(env, str(source), "--model", "fake", "--classify", "cheap,dear",
+                    "--prompt", "Price {price:.2f}?", "-o", str(out))  # fmt: skip
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [record["error"]["message"] for record in read_records(out)]
+    assert len(errors) == 2
+    assert all("cannot format this row's values: ValueError: Unknown format code 'f'" in error
+               for error in errors)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("task", "says"),
+    [
+        (["--classify", "spam,ham", "--prompt", "Spam? {text!z}"], "conversion is !r, !s or !a"),
+        (["--classify", "LABELS", "--prompt", PROMPT], "cannot read labels file"),
+        (["--extract", "SCHEMA", "--prompt", PROMPT], "cannot read JSON schema"),
+    ],
+)
+def test_a_bad_template_or_a_file_that_is_not_utf8_stops_before_any_work(
+    env: dict[str, str], tmp_path: Path, task: list[str], says: str
+) -> None:
+    source = _write_jsonl(tmp_path / "in.jsonl", _sms(2))
+    files = {"LABELS": tmp_path / "labels.txt", "SCHEMA": tmp_path / "schema.json"}
+    files["LABELS"].write_bytes(b"spam\n\xff\xfeham\n")
+    files["SCHEMA"].write_bytes(b'{"enum": ["\xff"]}')
+    task = [str(files.get(arg, arg)) for arg in task]
+    out = tmp_path / "out.jsonl"
+
+    result = run_label(env, str(source), "--model", "fake", *task, "-o", str(out))
+
+    assert result.returncode == 2
+    assert says in one_error(result)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read anything")
+def test_an_unreadable_input_is_one_error_line(env: dict[str, str], tmp_path: Path) -> None:
+    source = _write_jsonl(tmp_path / "in.jsonl", _sms(2))
+    source.chmod(0)
+    result = run_label(env, str(source), *SPAM_HAM, "-o", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 2
+    assert f"cannot read input file {source}: Permission denied" in one_error(result)
+
+
 def test_the_python_api_refuses_one_label(client: Client) -> None:
     model = Models.create("fake", client=client)
     for one in (["spam"], Literal["spam"]):
