@@ -36,6 +36,7 @@ from wire.contract import JobSpec
 from wire.errors import BrokerUnavailableError, ConfigurationError
 from wire.liveness import count_live
 from wire.modelref import ModelRef
+from wire.outcome import STORE_UNLESS_FINAL, result_meta
 from wire.redact import redact, redact_url, secrets_of
 from wire.settings import Settings, get_settings
 
@@ -54,6 +55,13 @@ from .enqueue import (
 )
 from .listener import ResultListener
 from .waiting import UNREACHABLE
+
+#: A cancelled job's stored result, as Celery stores the revocations it makes itself.
+_CANCELLED = {
+    "exc_type": "TaskRevokedError",
+    "exc_message": ["cancelled by its producer"],
+    "exc_module": "celery.exceptions",
+}
 
 if TYPE_CHECKING:
     from embedded.cluster import EmbeddedCluster
@@ -290,12 +298,25 @@ class Client:
             return UNREACHABLE
 
     def revoke(self, job_id: str) -> None:
+        """Cancel a job, durably: its result becomes REVOKED unless it is final already, so its
+        waiters hear at once and a worker that pops it later, one started after this too,
+        skips it (a finished job is never run: ``workers.delivery``'s check-in). Then the
+        running workers are told, so that a backend that can end a request midway does."""
+        meta = result_meta(job_id, "REVOKED", _CANCELLED)
         try:
+            self._store_unless_final(
+                keys=[result_key(job_id)], args=[meta, self.connect().result_expires_s]
+            )
             self.celery.control.revoke(job_id)
-        except (OperationalError, OSError) as exc:
+        except (redis.RedisError, OperationalError, OSError) as exc:
             raise BrokerUnavailableError(
                 f"cannot cancel job {job_id}: {self._redacted(exc)}"
             ) from exc
+
+    @cached_property
+    def _store_unless_final(self) -> Script:
+        script: Script = self.redis.register_script(STORE_UNLESS_FINAL)
+        return script
 
     def _failed(self, step: EnqueueStep, exc: BaseException) -> Any:
         """A failed try's answer (``_failed``), redacted; a Redis that refuses this client

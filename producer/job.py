@@ -193,8 +193,9 @@ class Job(Generic[T]):
         return JobStatus.PENDING if raw is None else JobStatus(json.loads(raw)["status"])
 
     def cancel(self) -> None:
-        """Revoke the job: a queued job never runs; a running one finishes but is reported
-        cancelled to waiters."""
+        """Cancel the job: its waiters get ``JobCancelledError`` at once; a queued job never
+        runs, also when no worker is up until later; a running one is ended midway where its
+        backend can (llama.cpp), else finishes unreported."""
         self._client.revoke(self.id)
 
     # -- waiting: one flow, two drivers ------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from embedded.redis_server import RedisServer
-from producer import Client, Job, JobFailedError, Models
+from producer import Client, Job, JobCancelledError, JobFailedError, Models
 from tests.conftest import Worker
 from tests.faults import FaultyProxy, restart
 from tests.workers.fleet import Fleet
@@ -332,3 +332,24 @@ def test_a_worker_refuses_a_job_for_a_model_it_does_not_serve(
     assert failed.value.remote_type == "ConfigurationError"
     assert worker.process.poll() is None
     assert [letter.job_id for letter in list_dead(fleet.redis())] == [job.id]
+
+
+# -- item: a job cancelled while no worker is up never runs ---------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_job_cancelled_while_no_worker_is_up_never_runs(
+    fleet: Fleet, producer: Client, pool: str
+) -> None:
+    cancelled: Job[str] = fake(producer, 0).call_async("cancelled before any worker came")
+    cancelled.cancel()
+
+    with pytest.raises(JobCancelledError):
+        cancelled.result(timeout=10)  # at once: no worker needs to hear the cancel
+
+    fleet.start(*POOLS[pool])  # a worker that never heard the cancel pops the job
+    assert fake(producer, 0).call("queued after it") == "fake output"
+    fleet.settle(killed=0)
+    assert fleet.executions(cancelled.id) == 0
+    with pytest.raises(JobCancelledError):
+        Job.from_id(cancelled.id, client=producer, queue=QUEUE).result(timeout=10)
