@@ -15,7 +15,8 @@ prefork child runs the job: ``held_tags``) makes one Lua call to the broker Redi
 2. stamps when leases were last renewed by anyone (``LEASES_RENEWED_KEY``), and when nobody
    had for half a lease (Redis restarted or was unreachable, or every worker was gone), notes
    that renewals resumed now (``LEASES_RESUMED_KEY``);
-3. returns the deliveries whose lease ran out (not renewed for ``SIBYLQ_VISIBILITY_TIMEOUT_S``),
+3. returns sibylq's deliveries whose lease ran out (not renewed for
+   ``SIBYLQ_VISIBILITY_TIMEOUT_S``; another Celery app's on the same database are left alone),
    unless renewals resumed less than a lease ago: then live workers may not have renewed yet
    (their jobs ran on while Redis was away), and nothing is requeued until they could have.
 
@@ -41,7 +42,7 @@ from celery import Celery
 from celery.worker import state as worker_state
 from kombu.exceptions import KombuError
 
-from wire.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY
+from wire.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY, TASK_NAME
 from wire.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,16 @@ log = logging.getLogger(__name__)
 #: Expired deliveries requeued per beat at most (the next beat takes the rest).
 BATCH = 100
 
-# KEYS: unacked index, renewed, resumed. ARGV: lease (ms), gap (ms), batch, held tags...
-# Returns the tags whose lease ran out, or none while renewals resumed less than a lease ago.
+# KEYS: unacked index, renewed, resumed, unacked. ARGV: lease (ms), gap (ms), batch, task name,
+# held tags... Returns the tags of sibylq's deliveries whose lease ran out (another Celery app's
+# on the same Redis database are its own to sweep), or none while renewals resumed less than a
+# lease ago. A tag whose message is gone is returned too: requeueing drops it from the index.
 _RENEW = """
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
 local now_s = string.format('%.3f', now_ms / 1000)
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   redis.call('ZADD', KEYS[1], 'XX', now_s, ARGV[i])
 end
 local renewed = tonumber(redis.call('GET', KEYS[2]))
@@ -69,7 +72,18 @@ if now_ms - resumed < lease_ms then
   return {}
 end
 local expired = string.format('%.3f', (now_ms - lease_ms) / 1000)
-return redis.call('ZRANGE', KEYS[1], '-inf', expired, 'BYSCORE', 'LIMIT', 0, ARGV[3])
+local ours = {}
+for _, tag in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', expired, 'BYSCORE')) do
+  local stored = redis.call('HGET', KEYS[4], tag)
+  local ok, entry = pcall(cjson.decode, stored or 'null')
+  local headers = ok and type(entry) == 'table' and type(entry[1]) == 'table'
+    and entry[1].headers
+  if not stored or (type(headers) == 'table' and headers.task == ARGV[4]) then
+    ours[#ours + 1] = tag
+    if #ours >= tonumber(ARGV[3]) then break end
+  end
+end
+return ours
 """
 
 
@@ -111,8 +125,13 @@ class LeaseKeeper:
         channel = self._channel()
         with channel.conn_or_acquire() as client:
             expired = client.register_script(_RENEW)(
-                keys=[channel.unacked_index_key, LEASES_RENEWED_KEY, LEASES_RESUMED_KEY],
-                args=[self._lease_ms, self._lease_ms // 2, BATCH, *self._held()],
+                keys=[
+                    channel.unacked_index_key,
+                    LEASES_RENEWED_KEY,
+                    LEASES_RESUMED_KEY,
+                    channel.unacked_key,
+                ],
+                args=[self._lease_ms, self._lease_ms // 2, BATCH, TASK_NAME, *self._held()],
             )
             requeued = []
             for tag in expired:

@@ -14,7 +14,7 @@ from celery import Celery
 from kombu import Connection
 
 from embedded.redis_server import RedisServer
-from wire.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY
+from wire.constants import LEASES_RENEWED_KEY, LEASES_RESUMED_KEY, TASK_NAME
 from wire.settings import Settings
 from workers.celery_app import broker_transport_options, hard_time_limit_s
 from workers.leases import LeaseKeeper
@@ -46,7 +46,7 @@ def delivery(app: Celery) -> Iterator[Any]:
     """A message delivered to a consumer and not acknowledged, as a worker holds a job."""
     with app.connection_for_write() as connection:
         queue = connection.SimpleQueue(QUEUE)
-        queue.put({"job": 1}, headers={"id": "job-1"})
+        queue.put({"job": 1}, headers={"id": "job-1", "task": TASK_NAME})
         yield queue.get(timeout=5)
         queue.close()
 
@@ -132,7 +132,7 @@ def test_a_delivery_that_is_no_longer_held_is_not_put_back(
 ) -> None:
     with Connection(settings.broker) as connection:
         queue = connection.SimpleQueue(QUEUE)
-        queue.put({"job": 2}, headers={"id": "job-2"})
+        queue.put({"job": 2}, headers={"id": "job-2", "task": TASK_NAME})
         message = queue.get(timeout=5)
         message.ack()
         queue.close()
@@ -140,3 +140,21 @@ def test_a_delivery_that_is_no_longer_held_is_not_put_back(
     LeaseKeeper(app, settings, held=lambda: [message.delivery_tag]).beat()
 
     assert client.zscore("unacked_index", message.delivery_tag) is None
+
+
+def test_another_celery_apps_delivery_on_the_same_database_is_left_to_it(
+    app: Celery, settings: Settings, client: redis.Redis
+) -> None:
+    with app.connection_for_write() as connection:
+        queue = connection.SimpleQueue("another-app")
+        queue.put({"x": 1}, headers={"id": "theirs", "task": "another_app.long_task"})
+        theirs = queue.get(timeout=5)
+        keeper = LeaseKeeper(app, settings, held=list)
+        keeper.beat()
+        renewals_resumed_ago(client, 2 * LEASE_S)
+        age(client, theirs.delivery_tag, 2 * LEASE_S)  # its task runs on, past our lease
+
+        assert keeper.beat() == []
+        assert client.hexists("unacked", theirs.delivery_tag)
+        assert client.llen("another-app") == 0
+        queue.close()
