@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,9 @@ LEASE_BEATS = 4
 BROKER_VISIBILITY_BACKSTOP_S = 3600
 #: A prefork job's process is killed this long after its time limit.
 HARD_LIMIT_GRACE_S = 30.0
+#: Jobs a llama.cpp worker process with GPU layers decodes together unless told otherwise:
+#: on a GPU a decode step of 8 sequences costs about what a step of one does.
+LLAMA_GPU_BATCH = 8
 
 
 class RateLimit(BaseModel):
@@ -102,9 +106,10 @@ class Settings(BaseSettings):
         ge=1,
         description="Jobs a llama.cpp worker process decodes together (continuous batching, "
         "a threads pool of this many); 1: one job a process, prefork. The KV cache holds "
-        "llama_batch x llama_n_ctx cells. 1 by default: on 2 CPU cores 8 measured no faster "
-        "for classifications and 1.69x for extractions (benchmarks/llama.py), for 8 times "
-        "the KV cache.",
+        "llama_batch x llama_n_ctx cells. Unset: 1 on CPUs (on 2 cores 8 measured no faster "
+        f"for classifications, 1.69x for extractions), {LLAMA_GPU_BATCH} with GPU layers "
+        "(llama_n_gpu_layers not 0: on an H200 8 measured 1.19x and 4.93x, 32 no better); "
+        "benchmarks/llama.py.",
     )
     llama_n_gpu_layers: int = 0
     llama_n_threads: int | None = Field(default=None, gt=0)
@@ -193,6 +198,18 @@ class Settings(BaseSettings):
         description="Workers send Celery task events (what `celery worker -E` does), for "
         "Flower and `celery events`: about 1.5 more Redis PUBLISHes per job.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_batch(cls, values: Any) -> Any:
+        """``llama_batch`` unset, with GPU layers: ``LLAMA_GPU_BATCH``."""
+        if not isinstance(values, dict) or "llama_batch" in values:
+            return values
+        try:
+            gpu_layers = int(values.get("llama_n_gpu_layers", 0))
+        except (TypeError, ValueError):
+            return values  # the field's own validation says what is wrong
+        return {**values, "llama_batch": LLAMA_GPU_BATCH} if gpu_layers != 0 else values
 
     @model_validator(mode="after")
     def _lease_outlasts_missed_beats(self) -> Settings:
