@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from wire.errors import InvalidRequestError
 
+from . import retrying
 from .ids import key_text
 from .manifest import Manifest, manifest_path
 from .results import LabelResult, Previous
@@ -84,7 +85,8 @@ class OutputFile:
         self.reuse = reuse
         self._file: IO[str] | None = None
         self._csv: Any = None
-        self._failed_kept = False
+        #: What ``previous()`` found: failed rows, and retries in flight (``retrying.py``).
+        self._previous = Previous()
         #: A CSV's columns: its header's, when it has one.
         self._columns: tuple[str, ...] = COLUMNS
 
@@ -114,7 +116,12 @@ class OutputFile:
                 previous.failed.pop(key, None)
             else:
                 previous.failed[key] = record["retries"]
-        self._failed_kept = bool(previous.failed)
+        previous.retrying = {
+            key: retries
+            for key, retries in retrying.load(self.path).items()
+            if key not in previous.done and key not in previous.failed
+        }
+        self._previous = previous
         return previous
 
     def write(self, result: LabelResult) -> None:
@@ -129,10 +136,11 @@ class OutputFile:
 
     def finish(self) -> None:
         """At the end of a run: the file exists (with its manifest) even if no row was
-        written, then it is closed."""
+        written, then it is closed; no retry is in flight any more."""
         if self._file is None:
             self._open()
         self.close()
+        retrying.remove(self.path)
 
     def close(self) -> None:
         if self._file is not None:
@@ -147,8 +155,14 @@ class OutputFile:
         if self.reuse is Reuse.OVERWRITE:
             self.path.unlink(missing_ok=True)
         self.manifest.save(self.path)
-        if self.reuse is Reuse.RETRY_FAILED and self._failed_kept:
+        failed = self._previous.failed
+        if self.reuse is Reuse.RETRY_FAILED and failed:
+            # Saved before the rows go: the next run attaches to their retries' jobs.
+            retries = {key: n + 1 for key, n in failed.items()}
+            retrying.save(self.path, {**self._previous.retrying, **retries})
             self._drop_failed()
+        elif not self._previous.retrying:
+            retrying.remove(self.path)  # another command's, or left by an older run
         _cut_torn_tail(self.path)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", encoding="utf-8", newline="")

@@ -65,7 +65,10 @@ class Skipped:
 @dataclass
 class Previous:
     """What the output already holds: done keys, and failed keys with their retries so far
-    (keys as ``key_text`` gives them)."""
+    (keys as ``key_text`` gives them); and the keys an interrupted ``--retry-failed`` run was
+    retrying, absent from the output, with the retries of their jobs in flight
+    (``retrying.py``)."""
 
     done: set[str] = field(default_factory=set)
     failed: dict[str, int] = field(default_factory=dict)
+    retrying: dict[str, int] = field(default_factory=dict)

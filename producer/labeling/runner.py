@@ -121,7 +121,7 @@ async def label_rows(
                 for result in await window.next_results():
                     yield result
                     written.add(result)
-            retries = 0 if retried is None else retried + 1
+            retries = previous.retrying.get(key, 0) if retried is None else retried + 1
             window.add(sequence, _start(task, row, fingerprint, retries))
         while window.size:
             for result in await window.next_results():

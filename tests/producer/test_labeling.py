@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,40 @@ def test_the_readme_example_labels_sms_with_the_bundled_model(
     assert sorted(r["key"] for r in records) == [1, 2, 3, 4]
     assert all(r["status"] == "done" and r["result"] in ("spam", "ham") for r in records)
     assert all(r["completion_tokens"] > 0 for r in records)
+
+
+def test_a_retry_failed_run_interrupted_mid_retry_is_resumed_not_redone(
+    env: dict[str, str], fake_worker: Worker, tmp_path: Path
+) -> None:
+    rows = _sms(3)
+    del rows[1]["text"], rows[2]["text"]  # rows 2 and 3 fail: no field for the template
+    source = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    prompt = f"Is this SMS spam? {{text}} ({uuid.uuid4().hex})"  # job ids of this test alone
+    args = [str(source), "--model", "fake:delay=2", "--classify", "spam,ham", "--prompt", prompt,
+            "-o", str(out), "--max-in-flight", "1", "--ordered"]  # fmt: skip
+    assert _label(env, *args).returncode == 1
+    rows[1]["text"], rows[2]["text"] = "fixed", "fixed too"
+    _write_jsonl(source, rows)
+
+    # Ctrl-C once row 2's retry is written: row 3's retry (attempt 2) is still running.
+    retry = subprocess.Popen([sys.executable, "-m", "sibylq", "label", *args, "--retry-failed"],
+                             env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while [r["status"] for r in _records(out)] != ["done", "done"]:
+        assert retry.poll() is None and time.monotonic() < deadline, retry.stderr
+        time.sleep(0.05)
+    retry.send_signal(signal.SIGINT)
+    assert retry.wait(timeout=30) == 130
+
+    resumed = _label(env, *args)  # no --retry-failed: the retry in flight is attached to
+
+    assert resumed.returncode == 0, resumed.stderr
+    third = {r["key"]: r for r in _records(out)}[3]
+    assert (third["status"], third["retries"]) == ("done", 1)
+    assert third["job_id"].endswith("-2")
+    first_attempt = third["job_id"][: -len("-2")] + "-1"
+    assert first_attempt not in fake_worker.log()  # not labeled afresh: no work paid twice
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "in.jsonl", "out.jsonl", "out.jsonl.manifest.json",
+    ]  # fmt: skip
