@@ -6,6 +6,8 @@ import time
 from email.utils import formatdate
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workers.backends.retry_after import MAX_DELAY_S, parse_duration_s, server_delay_s
 
@@ -31,6 +33,11 @@ from workers.backends.retry_after import MAX_DELAY_S, parse_duration_s, server_d
         ({"retry-after": "soon"}, None),
         ({"retry-after": "-5"}, 0.0),
         ({"retry-after": "86400000"}, MAX_DELAY_S),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "NaN", "retry-after": "2"}, 2.0),
+        ({"retry-after": "inf"}, None),
+        ({"x-ratelimit-reset-requests": "nan"}, None),
+        ({"retry-after": "Fri, 31 Dec 99999 23:59:59 GMT"}, None),  # past any calendar
     ],
 )
 def test_the_server_delay_comes_from_the_most_precise_header(
@@ -58,3 +65,16 @@ def test_durations_read_like_openai_writes_them(text: str, seconds: float) -> No
 @pytest.mark.parametrize("text", ["", "soon", "1x", "5s later"])
 def test_unreadable_durations_are_none(text: str) -> None:
     assert parse_duration_s(text) is None
+
+
+HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests",
+           "x-ratelimit-reset-tokens", "x-ratelimit-remaining-requests")  # fmt: skip
+
+
+@settings(deadline=None)  # a loaded machine is slow, not wrong
+@given(st.dictionaries(st.sampled_from(HEADERS), st.text() | st.floats().map(str)))
+def test_whatever_the_headers_say_the_delay_is_none_or_a_bounded_number(
+    headers: dict[str, str],
+) -> None:
+    delay = server_delay_s(headers)
+    assert delay is None or 0.0 <= delay <= MAX_DELAY_S

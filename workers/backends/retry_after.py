@@ -8,6 +8,7 @@ the ones whose ``x-ratelimit-remaining-*`` is 0, or the longest when none says w
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -35,33 +36,38 @@ def server_delay_s(headers: Mapping[str, str]) -> float | None:
 def parse_duration_s(text: str) -> float | None:
     """``"1m30s"`` -> 90.0, ``"250ms"`` -> 0.25, ``"2"`` -> 2.0; None if unreadable."""
     text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
+    number = _number(text)
+    if number is not None:
+        return number
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(number + unit for number, unit in parts) != text:
         return None
     return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
 
 
-def _retry_after_ms(value: str | None) -> float | None:
+def _number(text: str) -> float | None:
+    """A finite number of ``text``, else None (``nan`` and ``inf`` are no delay)."""
     try:
-        return None if value is None else float(value) / 1000
+        number = float(text)
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
+
+
+def _retry_after_ms(value: str | None) -> float | None:
+    number = None if value is None else _number(value)
+    return None if number is None else number / 1000
 
 
 def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
+    number = _number(value)
+    if number is not None:
+        return number
     try:
         return parsedate_to_datetime(value).timestamp() - time.time()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a date past any calendar
         return None
 
 
