@@ -45,6 +45,10 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ``stub-ignore-format``      any ``response_format`` ignored (a text answer), as Anthropic's OpenAI
                             SDK compatibility layer does; forced tool calls work
 ``stub-slow-<ms>``          sleeps ``<ms>`` milliseconds, then behaves normally
+``stub-garbled-<kind>``     a 200 whose body is no chat completion, as a proxy or a broken server
+                            answers: ``html`` (an HTML page), ``truncated`` (half the JSON),
+                            ``bytes`` (invalid UTF-8 in the content), ``no-message`` (a choice
+                            whose ``message`` is null), ``bad-usage`` (``usage`` of no fields)
 ``stub-ratelimit[-<ms>]``   always HTTP 429 ``rate_limit_exceeded`` with ``retry-after-ms: <ms>``
                             (default ``Chaos.retry_after_s``), ``retry-after`` (whole seconds,
                             rounded up) and ``x-ratelimit-reset-requests``
@@ -127,6 +131,7 @@ _STATUS_MODEL = re.compile(r"stub-status-([45]\d\d)")
 _ECHO_AUTH_MODEL = re.compile(r"stub-echo-auth-([45]\d\d)")
 _ECHO_KEY_MODEL = re.compile(r"stub-echo-key-([45]\d\d)")
 _SLOW_MODEL = re.compile(r"stub-slow-(\d+)")
+_GARBLED_MODEL = re.compile(r"stub-garbled-(html|truncated|bytes|no-message|bad-usage)")
 _RATELIMIT_MODEL = re.compile(r"stub-ratelimit(?:-(\d+))?")
 _RATELIMIT_FIRST_MODEL = re.compile(r"stub-ratelimit-first(?:-.+)?")
 _CHAOS_MODEL = re.compile(r"stub-chaos(?:-(\d+))?")
@@ -213,6 +218,9 @@ class Reply:
     payload: JSON
     headers: Mapping[str, str] = field(default_factory=dict)
     retry_after_s: float | None = None
+    #: The body as sent, when it is not the payload's JSON (``stub-garbled-*``).
+    raw: bytes | None = None
+    content_type: str = "application/json"
 
 
 @dataclass(frozen=True)
@@ -779,6 +787,24 @@ def conversation_digest(messages: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _garbled(kind: str, reply: Reply) -> Reply:
+    """``reply`` (a normal answer) made into a 200 that is no chat completion."""
+    body = json.dumps(reply.payload).encode()
+    if kind == "html":
+        page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        return replace(reply, raw=page, content_type="text/html")
+    if kind == "truncated":
+        return replace(reply, raw=body[: len(body) // 2])
+    if kind == "bytes":
+        return replace(reply, raw=body.replace(b'"content": "', b'"content": "\xff', 1))
+    payload = json.loads(body)
+    if kind == "no-message":
+        payload["choices"][0]["message"] = None
+    else:  # bad-usage
+        payload["usage"] = {}
+    return replace(reply, payload=payload)
+
+
 def _ok(payload: JSON) -> Reply:
     """A 200 with the rate limit headers OpenAI sends on every answer."""
     tokens = int(payload["usage"]["total_tokens"])
@@ -848,11 +874,11 @@ class _Handler(BaseHTTPRequestHandler):
         return StubError(404, f"Invalid URL ({self.command} {urlsplit(self.path).path})")
 
     def _send(self, reply: Reply) -> None:
-        data = json.dumps(reply.payload).encode()
+        data = json.dumps(reply.payload).encode() if reply.raw is None else reply.raw
         # after a stall the client may be gone: nobody is left to tell
         with contextlib.suppress(ConnectionError):
             self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("x-request-id", "req_" + uuid.uuid4().hex)
             for name, value in reply.headers.items():
@@ -967,6 +993,8 @@ class OpenAIStub:
         try:
             self._inject(pending.fault, model)
             reply = _ok(chat_completion(body, authorization))
+            if garbled := _GARBLED_MODEL.fullmatch(model):
+                reply = _garbled(garbled.group(1), reply)
         except StubError as error:
             reply = error.reply()
         self._settle(pending, reply)

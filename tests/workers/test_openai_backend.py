@@ -312,6 +312,27 @@ def test_transient_http_errors_ask_for_a_retry_after_one_request(
     assert len(stub.requests) == 1  # the SDK's own retries are off: sibylq retries, fleet-wide
 
 
+@pytest.mark.parametrize("kind", ["html", "truncated", "bytes"])
+@pytest.mark.parametrize("schema", [None, PERSON])
+def test_a_body_that_is_no_chat_completion_asks_for_a_retry(
+    backend: OpenAIBackend, stub: OpenAIStub, kind: str, schema: dict[str, Any] | None
+) -> None:
+    with pytest.raises(RetryLater, match="answered with a body that is no chat completion"):
+        backend.complete(request(f"stub-garbled-{kind}", schema))
+
+
+def test_a_choice_without_a_message_is_a_typed_error(backend: OpenAIBackend) -> None:
+    with pytest.raises(BackendError, match="with no message"):
+        backend.complete(request("stub-garbled-no-message"))
+
+
+def test_a_usage_without_counts_counts_none(backend: OpenAIBackend) -> None:
+    completion = backend.complete(request("stub-garbled-bad-usage"))
+
+    assert completion.text
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (0, 0)
+
+
 def test_an_unreachable_endpoint_asks_for_a_retry(settings: Settings) -> None:
     with OpenAIStub() as gone:
         base_url = gone.base_url

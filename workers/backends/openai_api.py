@@ -209,9 +209,19 @@ class OpenAIBackend:
         except openai.APIConnectionError as exc:
             reason = f"cannot reach {self._endpoint}: {self._redact(str(exc))}"
             raise RetryLater(reason) from exc
-        used = response.usage.total_tokens if response.usage else estimate
+        except ValueError as exc:  # a body that is not JSON, or not UTF-8: a proxy's, garbled
+            self._limiter.reconcile(scope, limits, estimate, 0)
+            raise self._not_a_completion(type(exc).__name__) from exc
+        if not isinstance(response, ChatCompletion):  # the SDK hands back other bodies as text
+            self._limiter.reconcile(scope, limits, estimate, 0)
+            raise self._not_a_completion(f"a {type(response).__name__}")
+        used = _count(getattr(response.usage, "total_tokens", None)) or estimate
         self._limiter.reconcile(scope, limits, estimate, used)
         return response
+
+    def _not_a_completion(self, what: str) -> RetryLater:
+        return RetryLater(f"{self._endpoint} answered with a body that is no chat completion "
+                          f"({what}): as transient as a reset connection")  # fmt: skip
 
     def _take_turn(
         self, scope: str, model: str, limits: RateLimit, tokens: int, deadline: Deadline | None
@@ -350,6 +360,8 @@ def _completion(
     if not response.choices:
         raise BackendError(f"the endpoint answered {request.model!r} with no choices")
     choice = response.choices[0]
+    if choice.message is None:
+        raise BackendError(f"the endpoint answered {request.model!r} with no message")
     text = _tool_arguments(choice.message) if tool_call else None
     if text is None:
         text = choice.message.content or ""
@@ -360,11 +372,16 @@ def _completion(
         label_probs=None if tool_call else _label_probs(choice, request, text),
         finish_reason="stop" if finish_reason == "tool_calls" else finish_reason,
         usage=Usage(
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            prompt_tokens=_count(getattr(usage, "prompt_tokens", None)),
+            completion_tokens=_count(getattr(usage, "completion_tokens", None)),
         ),
         model=response.model or request.model,
     )
+
+
+def _count(value: Any) -> int:
+    """A token count the endpoint reported; 0 when it reported none (or nonsense)."""
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def _label_probs(choice: Choice, request: CompletionRequest, text: str) -> dict[str, float] | None:
