@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -81,6 +81,7 @@ def _endpoint(
             f"cannot use {redact_url(url)!r} for Redis: the URL must start with redis:// "
             "(plain TCP) or rediss:// (TLS)"
         )
+    _check_parses(parts)
     query = parse_qsl(parts.query, keep_blank_values=True)
     given = {key: value for key, value in query if key in _TLS_QUERY}
     plain = urlunsplit(parts._replace(query=urlencode([kv for kv in query if kv[0] not in given])))
@@ -93,6 +94,22 @@ def _endpoint(
         return Endpoint(plain)
     configured = {"ssl_ca_certs": ca_file, "ssl_certfile": cert_file, "ssl_keyfile": key_file}
     return Endpoint(plain, tuple(sorted(_tls_options(given, configured).items())))
+
+
+def _check_parses(parts: SplitResult) -> None:
+    """A password with ``/``, ``#``, ``?`` or ``@`` not percent-encoded ends the host part
+    early: what follows (the password's rest) would be read as a port, a database or a host,
+    and shown in errors. Such a URL is refused without a word of it."""
+    try:
+        port_parses = parts.port is None or parts.port > 0
+    except ValueError:
+        port_parses = False
+    if not port_parses or not parts.hostname or "@" in parts.path + parts.query + parts.fragment:
+        raise ConfigurationError(
+            f"cannot use this {parts.scheme}:// URL for Redis: its host, port or database does "
+            "not parse (the URL is not shown: it may hold a password). Percent-encode a "
+            "password's / # ? @ and : (as %2F %23 %3F %40 %3A)"
+        )
 
 
 def _tls_options(given: dict[str, str], configured: dict[str, Path | None]) -> dict[str, Any]:

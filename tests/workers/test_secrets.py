@@ -4,6 +4,8 @@ letters, worker logs, nor the errors a caller sees."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -123,3 +125,20 @@ def test_a_worker_refused_by_redis_exits_non_zero_without_printing_the_password(
     assert code != 0
     assert "invalid username-password pair" in worker.log()
     assert "wrong-pw-1234" not in worker.log()
+
+
+@pytest.mark.parametrize("password", ["Zq7/Kx9+Wv3", "Zq7#Kx9", "Zq7?Kx9", "4821/Kx9"])
+@pytest.mark.parametrize("command", [["worker", "fake"], ["status"], ["failed"]])
+def test_a_password_not_percent_encoded_is_refused_without_a_word_of_it(
+    worker_env: dict[str, str], password: str, command: list[str]
+) -> None:
+    url = f"redis://app:{password}@127.0.0.1:6399/0"  # as an Azure key, base64, often is
+    env = {**worker_env, "SIBYLQ_BROKER_URL": url}
+    result = subprocess.run([sys.executable, "-m", "sibylq", *command], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    assert result.returncode == 2
+    assert "Percent-encode a password's / # ? @ and :" in result.stderr
+    assert "Traceback" not in result.stderr
+    for part in password.replace("#", "/").replace("?", "/").split("/"):
+        assert part not in result.stdout + result.stderr
