@@ -283,13 +283,25 @@ def _fleet() -> Iterator[Client]:
 
 
 def _run_failed(args: argparse.Namespace) -> int:
+    unreadable: list[str] = []
     with _fleet() as client:
         if args.purge:
-            letters = list_dead(client.redis, queue=args.queue, limit=None)
-            count = purge_dead(client.redis, [letter.job_id for letter in letters])
+            job_ids = None  # every record, those that cannot be read too
+            if args.queue is not None:
+                letters = list_dead(client.redis, queue=args.queue, limit=None, unreadable=[])
+                job_ids = [letter.job_id for letter in letters]
+            count = purge_dead(client.redis, job_ids)
             print(f"forgot {count} failed job{'' if count == 1 else 's'}")
             return 0
-        letters = list_dead(client.redis, queue=args.queue, limit=args.limit)
+        letters = list_dead(client.redis, queue=args.queue, limit=args.limit, unreadable=unreadable)
+    if unreadable:
+        shown = ", ".join(_clip(job_id, 80) for job_id in unreadable[:5])
+        print(
+            f"sibylq failed: {len(unreadable)} record(s) cannot be read (garbled, or a newer "
+            f"sibylq's): {shown}{'...' if len(unreadable) > 5 else ''}; "
+            "`sibylq failed --purge` forgets them",
+            file=sys.stderr,
+        )
     if args.json:
         for letter in letters:
             print(json.dumps(letter.encode()))
@@ -303,10 +315,10 @@ def _run_failed(args: argparse.Namespace) -> int:
 def _dead_letter_table(letters: list[DeadLetter]) -> list[str]:
     rows = [
         [
-            letter.job_id,
-            letter.queue,
+            _clip(letter.job_id, 255),
+            _clip(letter.queue, 255),
             letter.failed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
-            letter.failure.type,
+            _clip(letter.failure.type, 60),
             _clip(letter.failure.message, 60),
             str(letter.failure.attempts),
             _clip(_last_output(letter.failure), 40),
@@ -324,8 +336,9 @@ def _last_output(failure: Failure) -> str:
 
 
 def _clip(text: str, width: int) -> str:
-    """``text`` on one line, cut to ``width`` characters."""
-    flat = " ".join(text.split())
+    """``text`` on one line, cut to ``width`` characters, printable whatever its code points
+    (a lone surrogate, as a JSON escape can carry, is written escaped)."""
+    flat = " ".join(text.encode("utf-8", "backslashreplace").decode("utf-8").split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
@@ -337,7 +350,7 @@ def _run_retry(args: argparse.Namespace) -> int:
     skipped = 0
     with _fleet() as client:
         if args.all:
-            letters = list_dead(client.redis, queue=args.queue, limit=None)
+            letters = list_dead(client.redis, queue=args.queue, limit=None, unreadable=[])
             job_ids = [letter.job_id for letter in reversed(letters) if letter.job]  # oldest first
             skipped = len(letters) - len(job_ids)
         else:

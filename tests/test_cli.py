@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 
 import pytest
@@ -18,6 +19,7 @@ from producer import Client, Job
 from sibylq.cli import build_parser, main
 from tests.conftest import Worker
 from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter, undecodable_letter
+from wire.constants import DEAD_LETTERS_KEY, dead_letter_key
 from wire.deadletters import DeadLetter, list_dead, record
 
 
@@ -187,6 +189,34 @@ def test_failed_purge_forgets_a_queues_failed_jobs(
 
     assert (result.returncode, result.stdout) == (0, "forgot 1 failed job\n")
     assert [letter.job_id for letter in list_dead(dead_letters)] == ["keep-me"]
+
+
+def test_a_record_that_cannot_be_read_neither_blocks_the_list_nor_the_purge(
+    redis_server: RedisServer, dead_letters: redis.Redis
+) -> None:
+    record(dead_letters, dead_letter("readable"), EXPIRE_S)
+    dead_letters.set(dead_letter_key("garbled"), b"{not a dead letter")
+    dead_letters.zadd(DEAD_LETTERS_KEY, {"garbled": time.time()})
+
+    listed = _sibylq_at(redis_server.url, "failed")
+
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].startswith("readable ")
+    assert "1 record(s) cannot be read" in listed.stderr and "garbled" in listed.stderr
+    purged = _sibylq_at(redis_server.url, "failed", "--purge")
+    assert (purged.returncode, purged.stdout) == (0, "forgot 2 failed jobs\n")
+    assert dead_letters.zcard(DEAD_LETTERS_KEY) == 0
+
+
+def test_a_lone_surrogate_in_a_failure_is_shown_escaped(
+    redis_server: RedisServer, dead_letters: redis.Redis
+) -> None:
+    record(dead_letters, dead_letter("odd", raw_outputs=("half an emoji \ud83d",)), EXPIRE_S)
+
+    result = _sibylq_at(redis_server.url, "failed")
+
+    assert result.returncode == 0, result.stderr
+    assert "half an emoji \\ud83d" in result.stdout
 
 
 def test_retry_reenqueues_the_named_jobs_which_then_succeed(

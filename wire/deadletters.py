@@ -137,13 +137,18 @@ def record(redis: Redis, letter: DeadLetter, expire_s: int) -> None:
 
 
 def list_dead(
-    redis: Redis, *, queue: str | None = None, limit: int | None = 100
+    redis: Redis,
+    *,
+    queue: str | None = None,
+    limit: int | None = 100,
+    unreadable: list[str] | None = None,
 ) -> list[DeadLetter]:
     """Dead letters, newest first (only ``queue``'s when given; all of them with ``limit``
-    None). Index entries whose record expired are skipped and pruned."""
+    None). Index entries whose record expired are skipped and pruned; the ids of records that
+    cannot be read go to ``unreadable`` (when given) instead of stopping the listing."""
     if limit is not None and limit < 1:
         raise InvalidRequestError(f"the limit must be at least 1, not {limit}")
-    return [letter for letter, _ in islice(scan(redis, queue), limit)]
+    return [letter for letter, _ in islice(scan(redis, queue, unreadable), limit)]
 
 
 def purge_dead(redis: Redis, job_ids: Sequence[str] | None) -> int:
@@ -159,8 +164,12 @@ def purge_dead(redis: Redis, job_ids: Sequence[str] | None) -> int:
     return int(deleted)
 
 
-def scan(redis: Redis, queue: str | None) -> Iterator[tuple[DeadLetter, bytes | str]]:
-    """Every live dead letter (and its stored JSON), newest first, a page at a time."""
+def scan(
+    redis: Redis, queue: str | None, unreadable: list[str] | None = None
+) -> Iterator[tuple[DeadLetter, bytes | str]]:
+    """Every live dead letter (and its stored JSON), newest first, a page at a time. A record
+    that cannot be read (garbled, or a newer sibylq's) raises ContractError, unless
+    ``unreadable`` is given: then its id goes there and the scan goes on."""
     offset = 0
     seen: set[str] = set()  # a record() meanwhile shifts the index down: skip repeats
     while page := [
@@ -174,7 +183,13 @@ def scan(redis: Redis, queue: str | None) -> Iterator[tuple[DeadLetter, bytes | 
         for job_id, raw in zip(page, stored, strict=True):
             if raw is not None and job_id not in seen:
                 seen.add(job_id)
-                letter = _parse(raw)
+                try:
+                    letter = _parse(raw)
+                except ContractError:
+                    if unreadable is None:
+                        raise
+                    unreadable.append(job_id)
+                    continue
                 if queue is None or letter.queue == queue:
                     yield letter, raw
 
