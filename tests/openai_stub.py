@@ -45,6 +45,7 @@ any other name              text (``"stub reply: " + last user message``), ``res
 ``stub-ignore-format``      any ``response_format`` ignored (a text answer), as Anthropic's OpenAI
                             SDK compatibility layer does; forced tool calls work
 ``stub-slow-<ms>``          sleeps ``<ms>`` milliseconds, then behaves normally
+``stub-drip-<ms>``          a normal answer whose body is sent a byte every ``<ms>`` milliseconds
 ``stub-garbled-<kind>``     a 200 whose body is no chat completion, as a proxy or a broken server
                             answers: ``html`` (an HTML page), ``truncated`` (half the JSON),
                             ``bytes`` (invalid UTF-8 in the content), ``no-message`` (a choice
@@ -131,6 +132,7 @@ _STATUS_MODEL = re.compile(r"stub-status-([45]\d\d)")
 _ECHO_AUTH_MODEL = re.compile(r"stub-echo-auth-([45]\d\d)")
 _ECHO_KEY_MODEL = re.compile(r"stub-echo-key-([45]\d\d)")
 _SLOW_MODEL = re.compile(r"stub-slow-(\d+)")
+_DRIP_MODEL = re.compile(r"stub-drip-(\d+)")
 _GARBLED_MODEL = re.compile(r"stub-garbled-(html|truncated|bytes|no-message|bad-usage)")
 _RATELIMIT_MODEL = re.compile(r"stub-ratelimit(?:-(\d+))?")
 _RATELIMIT_FIRST_MODEL = re.compile(r"stub-ratelimit-first(?:-.+)?")
@@ -221,6 +223,8 @@ class Reply:
     #: The body as sent, when it is not the payload's JSON (``stub-garbled-*``).
     raw: bytes | None = None
     content_type: str = "application/json"
+    #: Seconds between the body's bytes (``stub-drip-*``); None: the body at once.
+    drip_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -884,7 +888,14 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in reply.headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            if reply.drip_s is None:
+                self.wfile.write(data)
+                return
+            self.wfile.flush()
+            for index in range(len(data)):
+                self.wfile.write(data[index : index + 1])
+                self.wfile.flush()
+                time.sleep(reply.drip_s)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests read ``OpenAIStub.requests`` and ``OpenAIStub.log`` instead."""
@@ -995,6 +1006,8 @@ class OpenAIStub:
             reply = _ok(chat_completion(body, authorization))
             if garbled := _GARBLED_MODEL.fullmatch(model):
                 reply = _garbled(garbled.group(1), reply)
+            if drip := _DRIP_MODEL.fullmatch(model):
+                reply = replace(reply, drip_s=int(drip.group(1)) / 1000)
         except StubError as error:
             reply = error.reply()
         self._settle(pending, reply)

@@ -6,7 +6,9 @@ The stub's behaviour is picked by the model name: see ``tests/openai_stub.py``.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import openai
@@ -14,11 +16,11 @@ import pytest
 
 from tests.openai_stub import MODELS, OpenAIStub
 from wire.contract import GenConf, Message
-from wire.errors import BackendError, PromptTooLongError
+from wire.errors import BackendError, JobTimeLimitError, PromptTooLongError
 from wire.providers import PLACEHOLDER_API_KEY
 from wire.settings import Settings
-from workers.backends.base import CompletionRequest, RetryLater
-from workers.backends.openai_api import OpenAIBackend
+from workers.backends.base import CompletionRequest, Deadline, RetryLater
+from workers.backends.openai_api import OpenAIBackend, build_client
 
 API_KEY = "sk-test-0123456789abcdefghijklmnop"
 
@@ -350,6 +352,27 @@ def test_a_timeout_asks_for_a_retry(stub: OpenAIStub, settings: Settings) -> Non
 
     with pytest.raises(RetryLater, match=r"no answer .* within 0\.2 s"):
         OpenAIBackend(quick, client=client).complete(request("stub-slow-1000"))
+
+
+def test_a_body_sent_a_byte_at_a_time_ends_at_the_jobs_time_limit(settings: Settings) -> None:
+    with OpenAIStub() as dripping:  # its own: a dripping answer holds a handler thread
+        client = build_client(settings.model_copy(update={"openai_base_url": dripping.base_url}))
+        started = time.monotonic()
+        with pytest.raises(JobTimeLimitError):
+            OpenAIBackend(settings, client=client).complete(
+                replace(request("stub-drip-40"), deadline=Deadline.after(1.0))
+            )
+        assert time.monotonic() - started < 2.5  # the whole body would take ~10 s
+
+
+def test_a_body_sent_a_byte_at_a_time_is_a_timeout_like_any_other(settings: Settings) -> None:
+    quick = settings.model_copy(update={"openai_timeout_s": 1.0})
+    with OpenAIStub() as dripping:
+        client = build_client(quick.model_copy(update={"openai_base_url": dripping.base_url}))
+        started = time.monotonic()
+        with pytest.raises(RetryLater, match=r"no answer .* within 1 s"):
+            OpenAIBackend(quick, client=client).complete(request("stub-drip-40"))
+        assert time.monotonic() - started < 2.5
 
 
 # -- the default client -------------------------------------------------------------------------

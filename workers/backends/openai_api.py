@@ -46,6 +46,7 @@ import threading
 import time
 from typing import Any, Generic, TypeVar
 
+import httpx2
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice
@@ -70,6 +71,7 @@ from .base import (
 )
 from .context_lengths import known_context
 from .retry_after import server_delay_s
+from .whole_timeout import WholeRequestTimeout
 
 Mode = StructuredMode
 T = TypeVar("T")
@@ -266,6 +268,8 @@ class OpenAIBackend:
 
 
 _NO_LIMITS = RateLimit()
+#: The SDK's own connection pool (``openai.DefaultHttpxClient``'s): many threads, one client.
+HTTP_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
 #: What a classification asks for beside its answer: the most alternatives OpenAI gives.
 _LOGPROBS = {"logprobs": True, "top_logprobs": 20}
 
@@ -282,7 +286,15 @@ def build_client(settings: Settings, provider: ApiProvider = OPENAI) -> openai.O
         base_url=settings.base_url(provider),
         timeout=settings.openai_timeout_s,
         max_retries=0,  # sibylq retries, fleet-wide (see the module docstring)
+        http_client=http_client(),
     )
+
+
+def http_client() -> httpx2.Client:
+    """The SDK's own HTTP client settings, each request bounded whole by its timeout (a
+    body sent a byte at a time too: ``whole_timeout``)."""
+    transport = httpx2.HTTPTransport(limits=HTTP_LIMITS)
+    return openai.DefaultHttpxClient(transport=WholeRequestTimeout(transport))
 
 
 class _PerModel(Generic[T]):
