@@ -22,6 +22,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 from pydantic.errors import PydanticInvalidForJsonSchema, PydanticUserError
+from pydantic_core import PydanticSerializationError
 from typing_extensions import is_typeddict
 
 from wire.errors import InvalidRequestError, OutputValidationError, UnsupportedTargetError
@@ -35,6 +36,7 @@ _UNSUPPORTED = (
     PydanticSchemaGenerationError,
     PydanticInvalidForJsonSchema,
     PydanticUserError,
+    PydanticSerializationError,  # an Enum whose values are not JSON
     TypeError,
     NameError,
 )
@@ -134,6 +136,7 @@ def classify_target(labels: Any) -> Target:
             raise InvalidRequestError(f"enum {labels.__name__} has no members to choose from")
         return target_for(labels)
     if get_origin(labels) is Literal:
+        _check_labels(get_args(labels))
         return target_for(labels)
     if isinstance(labels, str) or not isinstance(labels, Sequence):
         raise InvalidRequestError(

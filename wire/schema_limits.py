@@ -52,7 +52,7 @@ def check_schema(schema: Any) -> None:
             "allowed: flatten the output type"
         )
     try:
-        size = len(json.dumps(schema))
+        size = len(json.dumps(schema, allow_nan=False))  # JSON has no NaN, no infinity
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"the JSON schema is not JSON: {exc}") from exc
     if size > MAX_BYTES:

@@ -25,6 +25,7 @@ from producer import (
     Message,
     Models,
     NoWorkerError,
+    UnsupportedTargetError,
 )
 from producer.typeddicts import is_typing_typeddict, rebuild_typeddict
 from tests.conftest import Worker
@@ -95,6 +96,27 @@ class TestLabels:
         # Sibila: TypeError; sibylq: InvalidRequestError (a ValueError), before anything is sent
         with pytest.raises(InvalidRequestError, match="labels"):
             fake.classify(labels, "pick")
+
+    @pytest.mark.parametrize(
+        "labels",
+        [Literal[float("nan"), 1.0], Literal["", " "], Literal[1, "a"], Literal[1, True]],
+    )
+    def test_literal_labels_are_checked_as_a_lists_are(self, fake: Any, labels: Any) -> None:
+        with pytest.raises(InvalidRequestError, match="labels"):
+            fake.classify(labels, "pick")
+
+    def test_a_schema_with_nan_or_infinity_is_refused(self, fake: Any) -> None:
+        # JSON has neither: the worker would have been sent null in its place
+        with pytest.raises(InvalidRequestError, match="not JSON"):
+            fake.json("a number", json_schema={"type": "number", "maximum": float("inf")})
+
+    def test_an_enum_whose_values_are_no_json_is_an_unsupported_target(self, fake: Any) -> None:
+        class Opaque(enum.Enum):
+            ONE = object()
+            TWO = object()
+
+        with pytest.raises(UnsupportedTargetError):
+            fake.classify(Opaque, "pick")
 
     def test_a_worker_refuses_a_label_of_the_wrong_type(self) -> None:
         # JSON true is not the label 1: the job's schema keeps bool and int apart
