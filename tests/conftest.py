@@ -123,7 +123,8 @@ def settings(redis_server: RedisServer) -> Settings:
     return Settings(
         broker_url=redis_server.url,
         heartbeat_interval_s=HEARTBEAT_S,
-        no_worker_timeout_s=3.0,
+        # A loaded machine delays a busy llama.cpp worker's heartbeats by seconds.
+        no_worker_timeout_s=6.0,
         broker_timeout_s=20.0,
         cache=False,  # as in worker_env
     )
