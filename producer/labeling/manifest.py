@@ -82,12 +82,8 @@ class Manifest(BaseModel):
 
     def save(self, output: Path) -> None:
         """Write atomically: a crash leaves the old manifest or the new one, never half."""
-        path = manifest_path(output)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(
-            json.dumps(self.model_dump(mode="json", by_alias=True), indent=2) + "\n"
-        )
-        os.replace(temporary, path)
+        text = json.dumps(self.model_dump(mode="json", by_alias=True), indent=2) + "\n"
+        write_atomically(manifest_path(output), text)
 
     @classmethod
     def load(cls, output: Path) -> Manifest | None:
@@ -102,6 +98,13 @@ class Manifest(BaseModel):
                 f"cannot read {path}, which says which command made {output}: {exc}. "
                 "Give another -o, or add --overwrite to replace both"
             ) from exc
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` afterwards; a crash leaves the old file or the new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def manifest_path(output: Path) -> Path:

@@ -11,8 +11,9 @@ run that ends removes it (every row is in ``OUT`` then).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .manifest import write_atomically
 
 RETRYING_SUFFIX = ".retrying.json"
 
@@ -34,10 +35,7 @@ def load(output: Path) -> dict[str, int]:
 
 
 def save(output: Path, pending: dict[str, int]) -> None:
-    path = retrying_path(output)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(pending, ensure_ascii=False), encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(retrying_path(output), json.dumps(pending, ensure_ascii=False))
 
 
 def remove(output: Path) -> None:
