@@ -211,9 +211,13 @@ class _Redis(RedisServer):
     """``RedisServer`` whose process is started by ``_spawn`` (own session, PDEATHSIG)."""
 
     def __init__(
-        self, directory: Path, on_start: Callable[[subprocess.Popen[bytes]], None]
+        self,
+        directory: Path,
+        on_start: Callable[[subprocess.Popen[bytes]], None],
+        *,
+        appendonly: bool,
     ) -> None:
-        super().__init__(directory, appendonly=False)
+        super().__init__(directory, appendonly=appendonly)
         self._on_start = on_start
 
     def _popen(self, command: list[str]) -> subprocess.Popen[bytes]:
@@ -248,8 +252,10 @@ class EmbeddedCluster:
         *,
         heartbeat_interval_s: float = 0.5,
         start_timeout_s: float = WORKER_START_TIMEOUT_S,
+        appendonly: bool = False,
     ) -> None:
         self._given_directory = directory
+        self._appendonly = appendonly
         self._directory: Path | None = directory
         self.heartbeat_interval_s = heartbeat_interval_s
         self.start_timeout_s = start_timeout_s
@@ -314,8 +320,32 @@ class EmbeddedCluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # not hit by a terminal's Ctrl-C
             )
-        self._redis = _Redis(directory / "redis", lambda p: self._tell_watchdog(f"redis {p.pid}"))
+        self._redis = _Redis(
+            directory / "redis",
+            lambda p: self._tell_watchdog(f"redis {p.pid}"),
+            appendonly=self._appendonly,
+        )
         self._redis.start()
+
+    def ensure_redis(self) -> int | None:
+        """Start Redis again, on the same port and directory (its append-only file, if it
+        keeps one, restores what it held), if its process has ended; returns the status it
+        ended with, or None if it was running. Raises ConfigurationError if it cannot be
+        started again (another process took the port, say)."""
+        with self._lock:
+            server = self._redis
+            status = None if server is None else server.exit_status()
+            if server is None or status is None:
+                return None
+            self._tell_watchdog(f"- {server.pid}")
+            server.stop()
+            try:
+                server.start()
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"redis-server exited (status {status}) and could not be started again: {exc}"
+                ) from None
+            return status
 
     def _tell_watchdog(self, line: str) -> None:
         watchdog = self._watchdog
@@ -530,18 +560,23 @@ def default_cluster() -> EmbeddedCluster:
 
 def run_up(models: list[str]) -> int:
     """``sibylq up MODEL...``: a cluster serving ``models`` in the foreground until Ctrl-C or
-    SIGTERM. Workers that die are restarted. Returns 0 once stopped."""
+    SIGTERM. Workers that die are restarted, and so is Redis, on the same port, from its
+    append-only file (so jobs queued survive it). Returns 0 once stopped."""
     stop_requested = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
-    cluster = EmbeddedCluster()
+    cluster = EmbeddedCluster(appendonly=True)
     try:
         url = cluster.start()
         for model in models:
             cluster.ensure_worker(model)
         _print_banner(url, models, cluster.directory)
         while not stop_requested.wait(1.0):
-            for model in models:
-                cluster.ensure_worker(model)  # restarts a worker that died
+            status = cluster.ensure_redis()
+            if status is not None:
+                print(f"sibylq: redis-server exited (status {status}); started again", flush=True)
+            with contextlib.suppress(redis.ConnectionError):  # Redis died meanwhile: next tick
+                for model in models:
+                    cluster.ensure_worker(model)  # restarts a worker that died
     except KeyboardInterrupt:
         pass
     finally:

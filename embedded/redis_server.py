@@ -13,8 +13,13 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from wire.errors import ConfigurationError
+
+#: Lines of redis-server's log quoted when it exits at start.
+LOG_TAIL_LINES = 10
 
 
 def find_redis_server() -> str:
@@ -56,8 +61,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
+    def log_path(self) -> Path:
+        return self.directory / "redis.log"
+
+    @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
+
+    def exit_status(self) -> int | None:
+        """The status the process ended with, or None while it runs (or before ``start``)."""
+        return None if self._process is None else self._process.poll()
 
     def command(self) -> list[str]:
         """The ``redis-server`` command line."""
@@ -68,7 +81,7 @@ class RedisServer:
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--logfile", str(self.directory / "redis.log"),
+            "--logfile", str(self.log_path),
         ]  # fmt: skip
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
@@ -82,23 +95,47 @@ class RedisServer:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
     def _wait_ready(self, timeout_s: float) -> None:
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        """Wait until this process answers on the port; a Redis that answers there but is
+        not this process (the port was taken meanwhile) is an error, not a success."""
+        client = redis.Redis(  # one try per round: this process's exit is checked between
+            port=self.port,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while True:
+                self._check_running()
                 try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if self._process is not None and self._process.poll() is not None:
-                        raise ConfigurationError(
-                            f"redis-server exited; see {self.directory / 'redis.log'}"
-                        ) from None
+                    answering = client.info("server").get("process_id")
+                except redis.RedisError:  # not up yet (or something else holds the port)
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
+                    continue
+                if self._process is not None and answering != self._process.pid:
+                    self.stop()
+                    raise ConfigurationError(
+                        f"port {self.port} is taken by another Redis (process {answering})"
+                    )
+                return
         finally:
             client.close()
+
+    def _check_running(self) -> None:
+        """Raise ConfigurationError, quoting the end of its log, if the process has ended
+        (the log is quoted because a temporary directory may be gone by the time it is read)."""
+        status = self.exit_status()
+        if status is None:
+            return
+        self._process = None
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = ["(no log)"]
+        tail = "\n".join(lines[-LOG_TAIL_LINES:])
+        raise ConfigurationError(f"redis-server exited with status {status}; its log ends:\n{tail}")
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -172,8 +172,8 @@ def _add_cluster_parsers(commands: Any) -> None:
         "up",
         help="run a private Redis and workers for MODELs in the foreground, until Ctrl-C",
         description="Run an embedded cluster in the foreground until Ctrl-C: a private Redis "
-        "and a worker for each MODEL (restarted if it dies). It prints the SIBYLQ_BROKER_URL "
-        "that other shells use to reach it.",
+        "and a worker for each MODEL (each restarted if it dies, Redis too). It prints the "
+        "SIBYLQ_BROKER_URL that other shells use to reach it.",
         epilog="example:\n  sibylq up fake llamacpp:smollm2",
     )
     up.add_argument("models", nargs="*", metavar="MODEL", help="e.g. fake llamacpp:smollm2")

@@ -12,6 +12,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ import pytest
 import redis
 
 from embedded.cluster import EmbeddedCluster, default_cluster
+from embedded.redis_server import RedisServer
 from producer import Client, ConfigurationError, Models, Settings
 from wire.constants import queue_name, workers_key
 
@@ -307,3 +309,86 @@ def test_up_serves_until_ctrl_c() -> None:
     returncode, stderr = program.finish()
     assert returncode == 0, stderr
     assert not {pid for pid in family if _running(pid)}
+
+
+def _up(*models: str) -> tuple[_Program, str]:
+    """``sibylq up MODELS`` in a child, once it has printed its URL."""
+    program = _Program(
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"from sibylq.cli import main; sys.exit(main(['up', *{list(models)!r}]))"
+    )
+    while not (line := program.line()).strip().startswith("export SIBYLQ_BROKER_URL="):
+        pass
+    return program, line.strip().partition("=")[2]
+
+
+def _kill_redis(url: str) -> int:
+    """SIGKILL the redis-server answering at ``url``; returns its port."""
+    store = redis.Redis.from_url(url)
+    os.kill(int(store.info("server")["process_id"]), signal.SIGKILL)
+    store.close()
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_up_starts_a_killed_redis_again_on_the_same_port_with_what_it_held() -> None:
+    program, url = _up("fake")
+    store = redis.Redis.from_url(url)
+    store.set("kept", "yes")
+    time.sleep(1.5)  # the append-only file is flushed every second
+    _kill_redis(url)
+    while "started again" not in (line := program.line(timeout_s=30)):
+        pass
+    assert "status -9" in line
+    assert store.get("kept") == b"yes"
+    client = Client(Settings(broker_url=url))
+    try:  # the worker reconnected to the new process
+        assert Models.create("fake", client=client).call("after") == "fake output"
+    finally:
+        client.close()
+        store.close()
+    program.process.send_signal(signal.SIGINT)
+    returncode, stderr = program.finish()
+    assert returncode == 0, stderr
+
+
+def test_up_exits_non_zero_when_its_redis_cannot_be_started_again() -> None:
+    program, url = _up("fake")
+    family = _family([program.process.pid]) - {program.process.pid}
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        program.process.send_signal(signal.SIGSTOP)  # so that it cannot restart Redis first
+        port = _kill_redis(url)
+        deadline = time.monotonic() + 10
+        while True:  # the port is free once the kernel has ended the process
+            try:
+                squatter.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        squatter.listen()
+        program.process.send_signal(signal.SIGCONT)
+        returncode, stderr = program.finish(timeout_s=40)
+    assert returncode == 2, stderr
+    assert "redis-server exited (status -9) and could not be started again" in stderr
+    assert "Traceback" not in stderr
+    _wait_gone(family)
+
+
+def test_a_redis_that_exits_at_start_is_explained_by_its_log(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(ConfigurationError, match="exited with status 1") as failure:
+            RedisServer(tmp_path, port=port).start()
+    assert "Address already in use" in str(failure.value)  # quoted from redis.log
+
+
+def test_another_redis_on_the_port_is_not_taken_for_ours(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "theirs") as theirs:
+        ours = RedisServer(tmp_path / "ours", port=theirs.port)
+        with pytest.raises(ConfigurationError, match=r"taken by another Redis|exited with status"):
+            ours.start()  # whichever comes first: theirs answers, or ours fails to bind
+        assert ours.pid is None  # stopped, not left running
+        assert redis.Redis(port=theirs.port).ping()
