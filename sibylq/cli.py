@@ -347,7 +347,7 @@ def _run_retry(args: argparse.Namespace) -> int:
         raise InvalidRequestError("sibylq retry: give JOB_IDs or --all (not both)")
     if args.queue and not args.all:
         raise InvalidRequestError("sibylq retry: --queue goes with --all")
-    skipped = 0
+    skipped, retried = 0, []
     with _fleet() as client:
         if args.all:
             letters = list_dead(client.redis, queue=args.queue, limit=None, unreadable=[])
@@ -355,16 +355,25 @@ def _run_retry(args: argparse.Namespace) -> int:
             skipped = len(letters) - len(job_ids)
         else:
             job_ids = args.job_ids
-        retried = retry_dead(client, job_ids)
-    print(f"re-enqueued {len(retried)} failed job{'' if len(retried) == 1 else 's'}")
+        try:
+            retry_dead(client, job_ids, on_retried=retried.append)
+        except BaseException:
+            if retried:  # the rest are still dead letters: say which ones did go
+                _print_retried(retried, " before the error below; the others are still failed")
+            raise
+    _print_retried(retried, "")
     if skipped:
         print(
             f"skipped {skipped} undecodable message{'' if skipped == 1 else 's'} "
             "(no job to run: `sibylq failed --json` shows them as received)"
         )
-    for job_id in retried:
-        print(job_id)
     return 0
+
+
+def _print_retried(job_ids: list[str], remark: str) -> None:
+    print(f"re-enqueued {len(job_ids)} failed job{'' if len(job_ids) == 1 else 's'}{remark}")
+    for job_id in job_ids:
+        print(job_id, flush=True)
 
 
 def _run_label(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ enqueued and listed; retrying it again only runs it twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from redis import Redis, WatchError
@@ -21,11 +21,17 @@ from wire.deadletters import DeadLetter, load, scan
 from wire.errors import InvalidRequestError
 
 
-def retry_dead(client: Client, job_ids: Sequence[str] | None) -> list[str]:
+def retry_dead(
+    client: Client,
+    job_ids: Sequence[str] | None,
+    on_retried: Callable[[str], None] = lambda job_id: None,
+) -> list[str]:
     """Re-enqueue the dead jobs ``job_ids`` (None: every one that can run again, oldest first)
-    under their own ids, queues and priorities; returns the ids. Raises
-    ``InvalidRequestError``, before enqueueing anything, naming the ids that are not dead
-    letters or that hold a message no worker could decode (there is no job to run)."""
+    under their own ids, queues and priorities; returns the ids, each also told to
+    ``on_retried`` as soon as it is enqueued (so that a failure midway, Redis going away, say,
+    leaves the caller knowing which ones went). Raises ``InvalidRequestError``, before
+    enqueueing anything, naming the ids that are not dead letters or that hold a message no
+    worker could decode (there is no job to run)."""
     if job_ids is None:
         found = [(letter, raw) for letter, raw in scan(client.redis, None) if letter.job][::-1]
     else:
@@ -33,6 +39,7 @@ def retry_dead(client: Client, job_ids: Sequence[str] | None) -> list[str]:
         _refuse_undecodable([letter for letter, _ in found])
     for letter, raw in found:
         _retry(client, letter, raw)
+        on_retried(letter.job_id)
     return [letter.job_id for letter, _ in found]
 
 

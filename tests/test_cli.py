@@ -10,17 +10,21 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from embedded.redis_server import RedisServer
 from producer import Client, Job
+from sibylq import deadletters
 from sibylq.cli import build_parser, main
 from tests.conftest import Worker
 from tests.dead_letters import EXPIRE_S, FAKE, PARKED, bury, dead_letter, undecodable_letter
 from wire.constants import DEAD_LETTERS_KEY, dead_letter_key
 from wire.deadletters import DeadLetter, list_dead, record
+from wire.settings import get_settings
 
 
 def _sibylq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -232,6 +236,39 @@ def test_retry_reenqueues_the_named_jobs_which_then_succeed(
     for job_id in ("cli-retry-1", "cli-retry-2"):
         assert Job.from_id(job_id, client=client, queue=FAKE).result(30) == "fake output"
     assert [letter.job_id for letter in list_dead(dead_letters)] == ["cli-left-dead"]
+
+
+def test_retry_cut_short_by_redis_going_away_names_the_jobs_it_re_enqueued(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stops right after the first job is re-enqueued: the run fails (exit 2), and it
+    says which job did go, since the others are still dead letters to retry later."""
+    with RedisServer(tmp_path / "redis") as server:
+        store = redis.Redis.from_url(server.url)
+        for job_id in ("went-1", "stayed-2"):
+            bury(store, dead_letter(job_id))
+        store.close()
+        monkeypatch.setenv("SIBYLQ_BROKER_URL", server.url)
+        monkeypatch.setenv("SIBYLQ_BROKER_TIMEOUT_S", "1")
+        get_settings.cache_clear()
+        remove = deadletters._remove_unless_changed  # a retry's last step
+
+        def remove_then_lose_redis(*args: Any) -> None:
+            remove(*args)
+            server.stop()
+
+        monkeypatch.setattr(deadletters, "_remove_unless_changed", remove_then_lose_redis)
+        try:
+            status = main(["retry", "went-1", "stayed-2"])
+        finally:
+            get_settings.cache_clear()
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out.splitlines() == [
+        "re-enqueued 1 failed job before the error below; the others are still failed",
+        "went-1",
+    ]
+    assert err.startswith("sibylq: error: cannot reach Redis")
 
 
 def test_retry_all_of_one_queue(
