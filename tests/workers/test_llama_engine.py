@@ -30,6 +30,7 @@ from wire.errors import (
 )
 from wire.settings import Settings
 from workers.backends.base import Completion, CompletionRequest, Deadline
+from workers.backends.llama_engine import LlamaEngine
 from workers.backends.llamacpp import LlamaCppBackend
 from workers.execute import Progress, execute
 from workers.model_files import resolve_model_path
@@ -188,6 +189,38 @@ def test_each_step_lists_its_sequences_in_id_order(
     assert all(future.result(timeout=120).text for future in at_once(batching, jobs))
     assert any(len(set(step)) == SEQUENCES for step in steps)
     assert all(step == sorted(step) for step in steps)
+
+
+def test_schemas_taking_turns_in_a_sequence_keep_their_prompts_in_host_memory(
+    batching: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sequence serves a classification, an extraction, then the classification again:
+    the third job gets its prompt's cells back from host memory and decodes only its last
+    token (it decoded the whole prompt, system instruction and schema, again), and answers
+    as the first did."""
+    decoded: list[int] = []
+    decode = llama_cpp.llama_decode
+
+    def counting(ctx: Any, batch: Any) -> int:
+        decoded.append(batch.n_tokens)
+        result: int = decode(ctx, batch)
+        return result
+
+    engine = LlamaEngine(batching.load(resolve_model_path("smollm2", Settings())), 1, 2048)
+    monkeypatch.setattr(llama_cpp, "llama_decode", counting)
+    spam = MIXED[0]
+    try:
+        runs = []
+        for job in (spam, MIXED[4], spam):
+            decoded.clear()
+            runs.append((engine.complete(job), sum(decoded)))
+    finally:
+        engine.close()
+    (first, first_decoded), _, (again, again_decoded) = runs
+    assert again.text == first.text
+    # Each answer token is decoded after it is drawn (the end-of-text one excepted).
+    assert first_decoded == first.usage.prompt_tokens + first.usage.completion_tokens
+    assert again_decoded == 1 + again.usage.completion_tokens
 
 
 def test_a_seeded_sampled_job_repeats_itself(batching: LlamaCppBackend) -> None:

@@ -34,6 +34,7 @@ from wire.errors import BackendError, JobCancelledError, PromptTooLongError, Sib
 from ..label_probs import ChoiceProbe, choice_labels
 from .base import Completion, CompletionRequest
 from .llama_prompt import ChatPrompt, chat_messages, chat_prompt
+from .llama_prompt_cache import PromptCache, common_prefix
 from .llama_sequence import Sampler, Sequence, grammar_for
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class LlamaEngine:
         self._n_ctx_seq = n_ctx_seq
         self._ctx = _batching_context(llm, n_seq, n_ctx_seq)
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._prompts = PromptCache(self._ctx.ctx, self._memory)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._waiting: list[_Job] = []
@@ -175,10 +177,16 @@ class LlamaEngine:
         """The free sequence id whose cells still hold the longest prefix of ``tokens`` (its
         last job's prompt: the same system instruction and schema, say), and that prefix's
         length. Only the rest is decoded, always including the last token, whose logits are
-        sampled: what ``Llama`` does between two calls, and llama-server per slot."""
+        sampled: what ``Llama`` does between two calls, and llama-server per slot. Cells
+        about to be dropped are saved first, and saved ones that start like ``tokens`` are
+        loaded back (``PromptCache``): schemas taking turns keep their prefixes."""
         free = [seq_id for seq_id in range(self._n_seq) if seq_id not in self._active]
-        best = max(free, key=lambda seq_id: _common_prefix(self._kept.get(seq_id, ()), tokens))
-        reused = min(_common_prefix(self._kept.get(best, ()), tokens), len(tokens) - 1)
+        best = max(free, key=lambda seq_id: common_prefix(self._kept.get(seq_id, ()), tokens))
+        held = self._kept.get(best, ())
+        reused = common_prefix(held, tokens)
+        if len(held) > reused:
+            self._prompts.save(best, held)
+        reused = min(self._prompts.restore(best, tokens, reused), len(tokens) - 1)
         llama_cpp.llama_memory_seq_rm(self._memory, best, reused, -1)
         self._kept[best] = tokens[:reused]
         return best, reused
@@ -275,10 +283,3 @@ def _batching_context(llm: Llama, n_seq: int, n_ctx_seq: int) -> Any:
         raise BackendError(
             f"cannot create a llama.cpp context for {n_seq} sequences: {exc}"
         ) from exc
-
-
-def _common_prefix(first: tuple[int, ...], second: tuple[int, ...]) -> int:
-    for index, (a, b) in enumerate(zip(first, second, strict=False)):
-        if a != b:
-            return index
-    return min(len(first), len(second))
