@@ -125,9 +125,10 @@ def _verdict(row: Row) -> str:
     """``metric: 0.93x (target >= 0.9x) met``."""
     assert row.target is not None
     on_ratio = row.target.on == "ratio" and row.ratio is not None
-    figure = f"{row.ratio:.2f}x" if on_ratio else f"{row.sibylq:g}"
+    times = "x" if row.unit == "x" else ""  # a ratio measured as such (same-block ratios)
+    figure = f"{row.ratio:.2f}x" if on_ratio else f"{row.sibylq:.3g}{times}"
     verdict = {True: "met", False: "MISSED", None: "n/a"}[row.met]
-    return f"{row.metric}: {figure} (target {row.target.text()}) {verdict}"
+    return f"{row.metric}: {figure} (target {row.target.text()}{times}) {verdict}"
 
 
 def _summarize(
