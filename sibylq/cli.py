@@ -347,7 +347,8 @@ def _run_retry(args: argparse.Namespace) -> int:
         raise InvalidRequestError("sibylq retry: give JOB_IDs or --all (not both)")
     if args.queue and not args.all:
         raise InvalidRequestError("sibylq retry: --queue goes with --all")
-    skipped, retried = 0, []
+    skipped = 0
+    retried: list[str] = []
     with _fleet() as client:
         if args.all:
             letters = list_dead(client.redis, queue=args.queue, limit=None, unreadable=[])
