@@ -194,10 +194,11 @@ def test_each_step_lists_its_sequences_in_id_order(
 def test_schemas_taking_turns_in_a_sequence_keep_their_prompts_in_host_memory(
     batching: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One sequence serves a classification, an extraction, then the classification again:
-    the third job gets its prompt's cells back from host memory and decodes only its last
-    token (it decoded the whole prompt, system instruction and schema, again), and answers
-    as the first did."""
+    """One sequence serves two classifications, an extraction, then the first
+    classification again: the prefix the two classifications shared (system instruction and
+    schema) comes back from host memory, so the last job decodes only what the second one
+    decoded of its own (it decoded the classification's instruction again), and answers as
+    the first did."""
     decoded: list[int] = []
     decode = llama_cpp.llama_decode
 
@@ -208,19 +209,38 @@ def test_schemas_taking_turns_in_a_sequence_keep_their_prompts_in_host_memory(
 
     engine = LlamaEngine(batching.load(resolve_model_path("smollm2", Settings())), 1, 2048)
     monkeypatch.setattr(llama_cpp, "llama_decode", counting)
-    spam = MIXED[0]
+    runs = []
     try:
-        runs = []
-        for job in (spam, MIXED[4], spam):
+        for job in (MIXED[0], MIXED[1], MIXED[4], MIXED[0]):
             decoded.clear()
             runs.append((engine.complete(job), sum(decoded)))
     finally:
         engine.close()
-    (first, first_decoded), _, (again, again_decoded) = runs
-    assert again.text == first.text
+    (first, _), (second, second_decoded), _, (again, again_decoded) = runs
+
     # Each answer token is decoded after it is drawn (the end-of-text one excepted).
-    assert first_decoded == first.usage.prompt_tokens + first.usage.completion_tokens
-    assert again_decoded == 1 + again.usage.completion_tokens
+    shared = second.usage.prompt_tokens + second.usage.completion_tokens - second_decoded
+    assert shared > 40  # the instruction and schema the two classifications share
+    assert again_decoded == first.usage.prompt_tokens - shared + again.usage.completion_tokens
+    assert again.text == first.text
+
+
+def test_a_sequences_prompt_saved_in_host_memory_is_only_what_jobs_shared(
+    batching: LlamaCppBackend,
+) -> None:
+    """Classifications of different texts, one after another in one sequence, save
+    nothing: each one's own text is no use to the next, and what they share stays in the
+    cells. Only a job of another schema saves the shared prefix, once."""
+    engine = LlamaEngine(batching.load(resolve_model_path("smollm2", Settings())), 1, 2048)
+    try:
+        for job in (MIXED[0], MIXED[1], MIXED[0], MIXED[1]):
+            engine.complete(job)
+        assert len(engine._prompts) == 0
+        engine.complete(MIXED[4])
+        engine.complete(MIXED[2])  # another schema again
+        assert len(engine._prompts) == 1
+    finally:
+        engine.close()
 
 
 def test_a_seeded_sampled_job_repeats_itself(batching: LlamaCppBackend) -> None:

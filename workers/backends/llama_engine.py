@@ -75,6 +75,7 @@ class LlamaEngine:
         self._waiting: list[_Job] = []
         self._active: dict[int, tuple[_Job, Sequence]] = {}
         self._kept: dict[int, tuple[int, ...]] = {}  # tokens left in a free sequence's cells
+        self._shared: dict[int, int] = {}  # of those, how many two jobs in a row shared
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
         log.info(
@@ -177,18 +178,24 @@ class LlamaEngine:
         """The free sequence id whose cells still hold the longest prefix of ``tokens`` (its
         last job's prompt: the same system instruction and schema, say), and that prefix's
         length. Only the rest is decoded, always including the last token, whose logits are
-        sampled: what ``Llama`` does between two calls, and llama-server per slot. Cells
-        about to be dropped are saved first, and saved ones that start like ``tokens`` are
-        loaded back (``PromptCache``): schemas taking turns keep their prefixes."""
+        sampled: what ``Llama`` does between two calls, and llama-server per slot.
+
+        Schemas taking turns keep their prefixes (``PromptCache``): the part of the cells
+        that its last two jobs shared (a system instruction and schema, not one job's own
+        text) is saved before it is dropped, and a saved prefix that starts ``tokens`` is
+        loaded back."""
         free = [seq_id for seq_id in range(self._n_seq) if seq_id not in self._active]
         best = max(free, key=lambda seq_id: common_prefix(self._kept.get(seq_id, ()), tokens))
         held = self._kept.get(best, ())
         reused = common_prefix(held, tokens)
-        if len(held) > reused:
-            self._prompts.save(best, held)
+        shared = min(self._shared.get(best, 0), len(held))
+        if shared > reused:
+            llama_cpp.llama_memory_seq_rm(self._memory, best, shared, -1)
+            self._prompts.save(best, held[:shared])
         reused = min(self._prompts.restore(best, tokens, reused), len(tokens) - 1)
         llama_cpp.llama_memory_seq_rm(self._memory, best, reused, -1)
         self._kept[best] = tokens[:reused]
+        self._shared[best] = reused
         return best, reused
 
     def _release(self, seq_id: int, *, keep_prompt: bool = True) -> None:

@@ -36,6 +36,9 @@ class PromptCache:
         self._saved: OrderedDict[tuple[int, ...], ctypes.Array[ctypes.c_uint8]] = OrderedDict()
         self._bytes = 0
 
+    def __len__(self) -> int:
+        return len(self._saved)
+
     def save(self, seq_id: int, tokens: tuple[int, ...]) -> None:
         """Keep a copy of ``seq_id``'s cells, which hold ``tokens`` and nothing else."""
         if len(tokens) < MIN_GAIN:
