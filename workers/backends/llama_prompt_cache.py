@@ -4,10 +4,11 @@ A free sequence keeps its last job's prompt in its KV cells, and the next job in
 only what its own prompt adds (``LlamaEngine._slot_for``). When a job with another schema
 takes that sequence, the cells of the first schema's system instruction were lost: a worker
 serving two schemas in turn decoded each one's instruction again, in every sequence, at
-every switch. Now the sequence's cells are saved first (``llama_state_seq_get_data``, ~2 MiB
-for a 100-token prefix of the bundled model), and a later job whose prompt starts the same
-gets them back (``llama_state_seq_set_data``, under a millisecond) instead: what
-``llama-server``'s ``--cache-ram`` does.
+every switch. Now the part of its cells that its last two jobs shared (the instruction and
+schema, not a job's own text, which no later job would use) is saved first
+(``llama_state_seq_get_data``, ~2 MiB for a 100-token prefix of the bundled model), and a
+later job whose prompt starts the same gets it back (``llama_state_seq_set_data``, under a
+millisecond) instead: what ``llama-server``'s ``--cache-ram`` does.
 """
 
 from __future__ import annotations
