@@ -106,8 +106,8 @@ class Settings(BaseSettings):
         ge=1,
         description="Jobs a llama.cpp worker process decodes together (continuous batching, "
         "a threads pool of this many); 1: one job a process, prefork. The KV cache holds "
-        "llama_batch x llama_n_ctx cells. Unset: 1 on CPUs (on 2 cores 8 measured 1.29x for "
-        f"classifications, 1.80x for extractions), {LLAMA_GPU_BATCH} with GPU layers "
+        "llama_batch x llama_n_ctx cells. Unset: 1 on CPUs (on 2 cores 8 measured 1.24x for "
+        f"classifications, 1.82x for extractions), {LLAMA_GPU_BATCH} with GPU layers "
         "(llama_n_gpu_layers not 0: on an H200 8 measured 1.19x and 4.93x, 32 no better); "
         "benchmarks/llama.py.",
     )
