@@ -294,14 +294,7 @@ def _run_failed(args: argparse.Namespace) -> int:
             print(f"forgot {count} failed job{'' if count == 1 else 's'}")
             return 0
         letters = list_dead(client.redis, queue=args.queue, limit=args.limit, unreadable=unreadable)
-    if unreadable:
-        shown = ", ".join(_clip(job_id, 80) for job_id in unreadable[:5])
-        print(
-            f"sibylq failed: {len(unreadable)} record(s) cannot be read (garbled, or a newer "
-            f"sibylq's): {shown}{'...' if len(unreadable) > 5 else ''}; "
-            "`sibylq failed --purge` forgets them",
-            file=sys.stderr,
-        )
+    _warn_unreadable("sibylq failed", unreadable)
     if args.json:
         for letter in letters:
             print(json.dumps(letter.encode()))
@@ -310,6 +303,19 @@ def _run_failed(args: argparse.Namespace) -> int:
     else:
         print("no failed jobs" + (f" on queue {args.queue}" if args.queue else ""))
     return 0
+
+
+def _warn_unreadable(command: str, unreadable: list[str]) -> None:
+    """Name on stderr the dead-letter records that could not be read, if any."""
+    if not unreadable:
+        return
+    shown = ", ".join(_clip(job_id, 80) for job_id in unreadable[:5])
+    print(
+        f"{command}: {len(unreadable)} record(s) cannot be read (garbled, or a newer "
+        f"sibylq's): {shown}{'...' if len(unreadable) > 5 else ''}; "
+        "`sibylq failed --purge` forgets them",
+        file=sys.stderr,
+    )
 
 
 def _dead_letter_table(letters: list[DeadLetter]) -> list[str]:
@@ -349,9 +355,10 @@ def _run_retry(args: argparse.Namespace) -> int:
         raise InvalidRequestError("sibylq retry: --queue goes with --all")
     skipped = 0
     retried: list[str] = []
+    unreadable: list[str] = []
     with _fleet() as client:
         if args.all:
-            letters = list_dead(client.redis, queue=args.queue, limit=None, unreadable=[])
+            letters = list_dead(client.redis, queue=args.queue, limit=None, unreadable=unreadable)
             job_ids = [letter.job_id for letter in reversed(letters) if letter.job]  # oldest first
             skipped = len(letters) - len(job_ids)
         else:
@@ -363,6 +370,7 @@ def _run_retry(args: argparse.Namespace) -> int:
                 _print_retried(retried, " before the error below; the others are still failed")
             raise
     _print_retried(retried, "")
+    _warn_unreadable("sibylq retry", unreadable)
     if skipped:
         print(
             f"skipped {skipped} undecodable message{'' if skipped == 1 else 's'} "

@@ -195,8 +195,8 @@ def test_failed_purge_forgets_a_queues_failed_jobs(
     assert [letter.job_id for letter in list_dead(dead_letters)] == ["keep-me"]
 
 
-def test_a_record_that_cannot_be_read_neither_blocks_the_list_nor_the_purge(
-    redis_server: RedisServer, dead_letters: redis.Redis
+def test_a_record_that_cannot_be_read_blocks_neither_the_list_nor_retry_nor_the_purge(
+    redis_server: RedisServer, dead_letters: redis.Redis, client: Client, fake_worker: Worker
 ) -> None:
     record(dead_letters, dead_letter("readable"), EXPIRE_S)
     dead_letters.set(dead_letter_key("garbled"), b"{not a dead letter")
@@ -207,8 +207,14 @@ def test_a_record_that_cannot_be_read_neither_blocks_the_list_nor_the_purge(
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines()[1].startswith("readable ")
     assert "1 record(s) cannot be read" in listed.stderr and "garbled" in listed.stderr
+    retried = _sibylq_at(redis_server.url, "retry", "--all")
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.splitlines() == ["re-enqueued 1 failed job", "readable"]
+    assert "sibylq retry: 1 record(s) cannot be read" in retried.stderr
+    assert "garbled" in retried.stderr
+    assert Job.from_id("readable", client=client, queue=FAKE).result(30) == "fake output"
     purged = _sibylq_at(redis_server.url, "failed", "--purge")
-    assert (purged.returncode, purged.stdout) == (0, "forgot 2 failed jobs\n")
+    assert (purged.returncode, purged.stdout) == (0, "forgot 1 failed job\n")
     assert dead_letters.zcard(DEAD_LETTERS_KEY) == 0
 
 
